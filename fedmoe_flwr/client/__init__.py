@@ -1,0 +1,5 @@
+"""Client side: the ready ClientApp and the helper that makes a user's ClientApp expert-aware."""
+
+from fedmoe_flwr.client.helper import assigned_experts, count_tokens, expert_probe, expert_train, load_assigned, node_profile
+
+__all__ = ["assigned_experts", "count_tokens", "expert_probe", "expert_train", "load_assigned", "node_profile"]

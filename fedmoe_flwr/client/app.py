@@ -1,0 +1,114 @@
+"""The ready-made ClientApp for fedmoe_flwr's shipped models and datasets.
+
+A node finds its data partition in ``node_config["partition-id"]`` and, in simulation, its
+simulated device (tier, memory, speeds) from the fleet config. Settings come from Flower's
+``run_config`` (flat dotted keys, see :func:`fedmoe_flwr.config.flatten`), on top of the
+defaults given to :func:`make_client_app`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmoe_flwr import protocol as P
+from fedmoe_flwr.client.helper import expert_probe, expert_train, load_assigned
+from fedmoe_flwr.client.local_update import evaluate, train_local
+from fedmoe_flwr.config import Config, flatten, unflatten
+from fedmoe_flwr.experiment import experiment_for
+from fedmoe_flwr.fleet import DeviceTier, device_profile, drops_out, rng_for, simulate_times
+
+SIMULATED_DROPOUT = "simulated dropout"
+
+
+def _config(defaults: dict, context: Context) -> Config:
+    return unflatten({**defaults, **dict(context.run_config)})
+
+
+def _device(cfg: Config, layout, pid: int):
+    tiers = [DeviceTier(**vars(t)) for t in cfg.fleet.tiers]
+    expert_bytes = max((layout.expert_nbytes(k) for k in layout.expert_keys), default=0)
+    return device_profile(pid, cfg.dataset.num_clients, tiers, cfg.seed, expert_bytes, len(layout.expert_keys))
+
+
+def _profile(dev, pid: int, context: Context) -> dict:
+    nc = dict(context.node_config)
+    return {
+        P.CLIENT_ID: str(nc.get("client-id", pid)),
+        P.EXPERT_MEMORY: int(dev.expert_memory_bytes),
+        P.SAMPLES_PER_S: dev.samples_per_s,
+        P.UPLINK: dev.uplink_Bps,
+        P.DOWNLINK: dev.downlink_Bps,
+        P.RELIABILITY: dev.reliability,
+        P.TIER: dev.tier,
+    }
+
+
+def make_client_app(defaults: dict | None = None) -> ClientApp:
+    """A ClientApp (query, train, evaluate) for the models and data of :mod:`fedmoe_flwr`."""
+    defaults = dict(defaults or {})
+    app = ClientApp()
+
+    def node(context: Context):
+        cfg = _config(defaults, context)
+        cfg, data, model, layout = experiment_for(cfg)
+        pid = int(context.node_config["partition-id"])
+        dev = _device(cfg, layout, pid)
+        return cfg, data, model, pid, dev
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cfg, data, model, pid, dev = node(context)
+        x, _ = data.client_train(pid)
+        return expert_probe(msg, model, profile=_profile(dev, pid, context), stats_inputs=x)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, data, model, pid, dev = node(context)
+        conf = msg.content[P.CONFIG]
+        rnd = int(conf.get("server-round", 0))
+        if drops_out(dev, rng_for(cfg.seed, "dropout", rnd, pid)):
+            return Message(Error(code=0, reason=SIMULATED_DROPOUT), reply_to=msg)
+        x, y = data.client_train(pid)
+        t = cfg.train
+        epochs = int(conf.get("local-epochs", t.local_epochs))
+        torch.manual_seed(int(rng_for(cfg.seed, "torch", rnd, pid).integers(2**31)))
+
+        def train_fn(m):
+            r = train_local(
+                m, x, y,
+                epochs=epochs,
+                batch_size=int(conf.get("batch-size", t.batch_size)),
+                lr=float(conf.get("lr", t.lr)),
+                rng=rng_for(cfg.seed, "batches", rnd, pid),
+                momentum=t.momentum,
+                proximal_mu=float(conf.get("proximal-mu", t.proximal_mu)),
+                balance_weight=t.balance_weight,
+                z_weight=t.z_weight,
+            )
+            return {P.NUM_EXAMPLES: r.num_examples, P.TRAIN_LOSS: r.train_loss, P.EXPERT_LOSS: r.expert_loss}
+
+        def timings(bytes_down, bytes_up, n, _measured):
+            return simulate_times(
+                dev, samples_processed=n * epochs, bytes_down=bytes_down, bytes_up=bytes_up,
+                rng=rng_for(cfg.seed, "time", rnd, pid), jitter=cfg.fleet.jitter,
+            )
+
+        return expert_train(msg, model, train_fn, profile=_profile(dev, pid, context), stats_inputs=x, timings=timings)
+
+    @app.evaluate()
+    def evaluate_personal(msg: Message, context: Context) -> Message:
+        cfg, data, model, pid, dev = node(context)
+        load_assigned(msg, model)
+        x, y = data.client_holdout(pid)
+        loss, acc, n = evaluate(model, x, y)
+        metrics = MetricRecord({P.NUM_EXAMPLES: int(n), "accuracy": float(acc), "loss": float(loss)})
+        return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+    return app
+
+
+# For `flwr run` (pyproject's [tool.flwr.app.components]): settings come from run_config.
+app = make_client_app(flatten(Config()))

@@ -1,0 +1,162 @@
+"""Local training, routing statistics and evaluation for the shipped models.
+
+Plain PyTorch over numpy arrays; nothing here knows about Flower. Tokens are what an MoE
+layer routes: one per sample for the MLP and CNN, one per position for the LM.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmoe_flwr.models import aux_loss, moe_layers
+
+
+@dataclass
+class LocalResult:
+    """What one local update measured. Per-expert arrays are flat over all expert keys."""
+
+    num_examples: int
+    train_loss: float
+    tokens: np.ndarray  # [K] tokens routed to each expert during training
+    expert_loss: np.ndarray  # [K] mean loss of samples routed to each expert; NaN if none
+
+
+def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample; sequence targets [B, T] are averaged over positions."""
+    if logits.dim() == 3 and y.dim() == 1:  # LM predicting one next char: last position
+        logits = logits[:, -1]
+    if logits.dim() == 3:
+        b, t, v = logits.shape
+        return F.cross_entropy(logits.reshape(b * t, v), y.reshape(b * t), reduction="none").view(b, t).mean(1)
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    if logits.dim() == 3 and y.dim() == 1:
+        logits = logits[:, -1]
+    pred = logits.argmax(-1)
+    return int((pred == y).sum()), int(y.numel())
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+def train_local(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    rng: np.random.Generator,
+    momentum: float = 0.0,
+    proximal_mu: float = 0.0,
+    balance_weight: float = 0.1,
+    z_weight: float = 1e-3,
+) -> LocalResult:
+    """Local SGD on ``(x, y)`` with the MoE auxiliary losses and an optional proximal term.
+
+    Only parameters that get gradients move, so experts masked out stay bit-identical.
+    """
+    layers = moe_layers(model)
+    sizes = [m.num_experts for m in layers]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    k_total = int(offsets[-1])
+    tok = torch.zeros(k_total, dtype=torch.float64)
+    loss_sum = torch.zeros(k_total, dtype=torch.float64)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    model.train()
+    total, seen = 0.0, 0
+    for _ in range(epochs):
+        for idx in _batches(len(xt), batch_size, rng):
+            xb, yb = xt[idx], yt[idx]
+            logits = model(xb)
+            per_sample = _per_sample_loss(logits, yb)  # [B]
+            loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(per_sample.detach().sum())
+            seen += len(idx)
+            # Attribute each sample's loss to the experts its tokens were routed to.
+            ls = per_sample.detach().double()
+            for l, m in enumerate(layers):
+                top1 = m.last.top1  # [B * T]
+                owner = torch.arange(len(idx)).repeat_interleave(top1.numel() // len(idx))
+                tok.index_add_(0, top1 + int(offsets[l]), torch.ones_like(ls[owner]))
+                loss_sum.index_add_(0, top1 + int(offsets[l]), ls[owner])
+    tokens = tok.numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expert_loss = np.where(tokens > 0, loss_sum.numpy() / np.maximum(tokens, 1), np.nan)
+    return LocalResult(len(xt), total / max(seen, 1), tokens, expert_loss)
+
+
+@contextmanager
+def _router_logits(model: torch.nn.Module):
+    """Collect each MoE layer's raw router logits (before masking) during forwards."""
+    captured: list[list[torch.Tensor]] = [[] for _ in moe_layers(model)]
+    hooks = [
+        m.router.register_forward_hook(lambda _m, _i, out, l=l: captured[l].append(out.detach().reshape(-1, out.shape[-1])))
+        for l, m in enumerate(moe_layers(model))
+    ]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def routing_stats(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 routing histogram and gate-mass share over ALL router rows, per expert key.
+
+    Both are shares: within each MoE layer they sum to 1 over that layer's experts.
+    """
+    model.eval()
+    with _router_logits(model) as captured:
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        for i in range(0, len(xt), batch_size):
+            model(xt[i : i + batch_size])
+    hist, gate = [], []
+    for logits in captured:
+        z = torch.cat(logits) if logits else torch.zeros(0, 1)
+        e = z.shape[1]
+        n = max(z.shape[0], 1)
+        hist.append(torch.bincount(z.argmax(1), minlength=e).double() / n)
+        gate.append(torch.softmax(z.double(), dim=1).sum(0) / n)
+    model.train()
+    if not hist:
+        return np.zeros(0), np.zeros(0)
+    return torch.cat(hist).numpy(), torch.cat(gate).numpy()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> tuple[float, float, int]:
+    """``(loss, accuracy, n)`` of the model as it is (its current expert mask applies)."""
+    model.eval()
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    loss, correct, count = 0.0, 0, 0
+    for i in range(0, len(xt), batch_size):
+        logits = model(xt[i : i + batch_size])
+        yb = yt[i : i + batch_size]
+        loss += float(_per_sample_loss(logits, yb).sum())
+        c, n = _correct(logits, yb)
+        correct += c
+        count += n
+    model.train()
+    n = len(xt)
+    return loss / max(n, 1), correct / max(count, 1), n

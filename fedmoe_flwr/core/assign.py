@@ -1,0 +1,414 @@
+"""Expert assignment: the exact optimisation of DESIGN §5, plus the baselines' helpers.
+
+:func:`assign_experts` maximises ``sum score[c, k] x[c, k]`` over binary ``x`` subject to
+
+- memory (hard, never relaxed): ``sum_k bytes[k] x[c, k] <= memory[c]``;
+- deadline: ``time_fixed[c] + sum_k time_per_expert[c, k] x[c, k] <= deadline``;
+- balance: ``lo[k] <= sum_c x[c, k] <= hi[k]``;
+- count: ``sum_k x[c, k] >= 1`` for each client that can hold one expert within memory
+  and deadline (``min_one``), or ``== k_fixed[c]`` when given.
+
+It is solved with HiGHS through :func:`scipy.optimize.milp` on sparse matrices holding
+only the eligible pairs (an expert that alone breaks a client's memory or deadline is not
+a variable). For a client whose eligible experts all have the same bytes and the same
+time, memory and deadline reduce to a cap on how many it holds; when every client
+reduces so, the constraint matrix is a bipartite degree-bound system (totally unimodular)
+and the problem is solved as an LP, whose vertex optimum is integral. Otherwise it is a
+MILP. Both are checked and repaired to satisfy memory exactly.
+
+Infeasibility degrades gracefully and never raises: bounds that cannot hold are relaxed
+in order (``lo`` clipped to what eligible clients can give; then ``lo`` dropped; then
+``hi``; then the deadline), and if no solve succeeds a greedy assignment is returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .load import coverage_bounds
+
+__all__ = [
+    "AssignmentResult",
+    "assign_experts",
+    "assign_full",
+    "assign_random",
+    "assign_topk",
+    "bench_solver",
+    "capacity_in_experts",
+]
+
+_INF_SCORE = 1.0e6  # stands for +-inf scores
+
+
+@dataclass
+class AssignmentResult:
+    """What the solver decided and how.
+
+    Attributes:
+        x: ``[C, K]`` bool assignment.
+        status: ``"optimal"`` | ``"time_limit"`` (best solution at the time limit) |
+            ``"relaxed_balance"`` | ``"relaxed_deadline"`` | ``"fallback"`` (greedy) |
+            ``"empty"`` (no clients or no experts).
+        solve_time_s: wall time of the whole call.
+        objective: ``sum score * x`` with the cleaned score (NaN -> 0).
+        mip_gap: relative MILP gap reported by HiGHS; 0.0 for the LP path; ``None`` for
+            greedy.
+        relaxed: what was relaxed, in order, e.g. ``["balance_lo_clipped", "balance_lo"]``.
+        method: ``"lp"``, ``"milp"`` or ``"greedy"``.
+    """
+
+    x: np.ndarray
+    status: str
+    solve_time_s: float
+    objective: float
+    mip_gap: float | None
+    relaxed: list[str] = field(default_factory=list)
+    method: str = "lp"
+
+
+def _clean_score(score: np.ndarray) -> np.ndarray:
+    """NaN -> 0; +-inf -> +-(1e6 or twice the largest finite magnitude)."""
+    s = np.asarray(score, dtype=np.float64)
+    finite = np.isfinite(s)
+    big = max(_INF_SCORE, 2.0 * float(np.abs(s[finite]).max(initial=0.0)))
+    return np.where(np.isnan(s), 0.0, np.clip(np.where(finite, s, np.sign(s) * big), -big, big))
+
+
+def _max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """Per row, the most eligible items whose costs fit ``budget`` (cheapest first)."""
+    c = np.sort(np.where(eligible, costs, np.inf), axis=1)
+    return (np.cumsum(c, axis=1) <= budget[:, None]).sum(axis=1)
+
+
+def _uniform_cap(costs: np.ndarray, E: np.ndarray, budget: np.ndarray):
+    """Rows whose eligible costs are all equal, and how many such items fit the budget."""
+    lo_c = np.where(E, costs, np.inf).min(axis=1)
+    hi_c = np.where(E, costs, -np.inf).max(axis=1)
+    uniform = (lo_c == hi_c) | ~E.any(axis=1)
+    cap = _max_count_fitting(costs, E, budget)
+    return uniform, cap
+
+
+def _repair(x, s, costs, budget):
+    """Drop lowest-score experts of rows over ``budget`` (guards solver tolerances)."""
+    over = np.flatnonzero((x * costs).sum(axis=1) > budget)
+    for c in over:
+        for k in np.argsort(s[c], kind="stable"):
+            if (x[c] * costs[c]).sum() <= budget[c]:
+                break
+            x[c, k] = False
+    return x
+
+
+def _solve(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_milp, time_limit, gap):
+    """One solve of the (possibly relaxed) problem. Returns (x, state, gap, method).
+
+    ``state`` is "optimal", "time_limit", "infeasible" or "error"; ``x`` is None unless a
+    solution was found.
+    """
+    C, K = s.shape
+    cnt_hi = np.minimum(k_hi, E.sum(axis=1))
+    knap = []  # (row mask, costs [C, K], budget [C]) kept as knapsack rows
+    for costs, budget in ((np.broadcast_to(nbytes, (C, K)), memory), (tpe, slack)):
+        if costs is None:
+            continue
+        binding = (np.where(E, costs, 0.0)).sum(axis=1) > budget
+        uniform, cap = _uniform_cap(costs, E, budget)
+        red = binding & uniform
+        cnt_hi = np.where(red, np.minimum(cnt_hi, cap), cnt_hi)
+        if (binding & ~uniform).any():
+            knap.append((binding & ~uniform, costs, budget))
+    if (k_lo > cnt_hi).any():
+        return None, "infeasible", None, "lp"
+    ci, ki = np.nonzero(E)
+    n = ci.size
+    if n == 0:
+        return np.zeros((C, K), bool), "optimal", 0.0, "lp"
+    j = np.arange(n)
+    rows = []
+    need = (k_lo > 0) | (cnt_hi < E.sum(axis=1))
+    if need.any():
+        a = sp.csr_array((np.ones(n), (ci, j)), shape=(C, n))[np.flatnonzero(need)]
+        rows.append(LinearConstraint(a, k_lo[need], cnt_hi[need]))
+    for mask, costs, budget in knap:
+        sel = np.flatnonzero(mask)
+        pick = mask[ci]
+        rmap = np.full(C, -1)
+        rmap[sel] = np.arange(sel.size)
+        a = sp.csr_array((costs[ci[pick], ki[pick]], (rmap[ci[pick]], j[pick])), shape=(sel.size, n))
+        rows.append(LinearConstraint(a, -np.inf, budget[sel]))
+    col_cnt = E.sum(axis=0)
+    lo_k = np.zeros(K) if lo is None else lo.astype(np.float64)
+    hi_k = np.full(K, np.inf) if hi is None else hi.astype(np.float64)
+    need_k = (lo_k > 0) | (hi_k < col_cnt)
+    if need_k.any():
+        a = sp.csr_array((np.ones(n), (ki, j)), shape=(K, n))[np.flatnonzero(need_k)]
+        rows.append(LinearConstraint(a, lo_k[need_k], hi_k[need_k]))
+    is_milp = force_milp or bool(knap)
+    obj = -s[ci, ki]
+    obj = obj / max(1.0, float(np.abs(obj).max()))
+    res = _highs(obj, rows, n, is_milp, time_limit, gap)
+    if res.x is not None and not is_milp and np.abs(res.x - np.round(res.x)).max() > 1e-6:
+        is_milp = True  # numerically non-integral vertex: solve as a MILP
+        res = _highs(obj, rows, n, True, time_limit, gap)
+    method = "milp" if is_milp else "lp"
+    if res.x is None:
+        return None, ("infeasible" if res.status == 2 else "error"), None, method
+    x = np.zeros((C, K), bool)
+    x[ci, ki] = res.x > 0.5
+    mgap = getattr(res, "mip_gap", None) if is_milp else 0.0
+    mgap = None if mgap is None or not np.isfinite(mgap) else float(mgap)
+    return x, ("optimal" if res.status == 0 else "time_limit"), mgap, method
+
+
+def _highs(obj, rows, n, integral, time_limit, gap):
+    opts = {"time_limit": max(float(time_limit), 1e-3), "disp": False}
+    if integral:
+        opts["mip_rel_gap"] = gap
+    return milp(
+        obj,
+        constraints=rows,
+        integrality=np.ones(n) if integral else None,
+        bounds=Bounds(0.0, 1.0),
+        options=opts,
+    )
+
+
+def _greedy(s, E, nbytes, memory, tpe, slack, k_lo, k_hi):
+    """Per client, best-scoring eligible experts that fit; positive scores, or up to k_lo."""
+    C, K = s.shape
+    x = np.zeros((C, K), bool)
+    for c in range(C):
+        used_b, used_t, cnt = 0.0, 0.0, 0
+        for k in np.argsort(-s[c], kind="stable"):
+            if not E[c, k] or cnt >= k_hi[c] or (s[c, k] <= 0 and cnt >= k_lo[c]):
+                continue
+            if used_b + nbytes[k] > memory[c]:
+                continue
+            if tpe is not None and used_t + tpe[c, k] > slack[c]:
+                continue
+            x[c, k] = True
+            used_b, used_t, cnt = used_b + nbytes[k], used_t + (0.0 if tpe is None else tpe[c, k]), cnt + 1
+    return x
+
+
+def assign_experts(
+    score: np.ndarray,
+    expert_bytes: np.ndarray,
+    memory: np.ndarray,
+    *,
+    time_fixed: np.ndarray | None = None,
+    time_per_expert: np.ndarray | None = None,
+    deadline: float | None = None,
+    lo: np.ndarray | None = None,
+    hi: np.ndarray | None = None,
+    k_fixed: np.ndarray | None = None,
+    min_one: bool = True,
+    method: str = "auto",
+    time_limit_s: float = 10.0,
+    mip_rel_gap: float = 1e-4,
+) -> AssignmentResult:
+    """Solve the assignment (module docstring); never raises on infeasible inputs.
+
+    Args:
+        score: ``[C, K]`` objective coefficients (fitness + exploration + price). NaN is
+            treated as 0 ("no information"); +-inf as a large finite value.
+        expert_bytes: ``[K]`` bytes of each expert.
+        memory: ``[C]`` expert-byte budget per client (``inf`` allowed).
+        time_fixed, time_per_expert, deadline: the linear round-time model
+            (:func:`fedmoe_flwr.core.profiles.expert_time_costs`); ignored if ``deadline``
+            is None. Missing ``time_fixed`` / ``time_per_expert`` count as 0.
+        lo, hi: ``[K]`` per-expert client-count bounds (:func:`coverage_bounds`); None = none.
+        k_fixed: ``[C]`` exact experts per client (flex baseline); capped at what fits the
+            client's memory (noted as ``"k_fixed_capped"``); it overrides ``min_one``.
+        min_one: each client that can hold an expert gets at least one.
+        method: ``"auto"`` (LP when the problem reduces to counts, else MILP), ``"milp"``
+            (always integer variables) or ``"greedy"`` (no solver; balance ignored).
+        time_limit_s: HiGHS time limit for the whole call.
+        mip_rel_gap: relative MILP gap at which HiGHS stops.
+    """
+    t0 = time.perf_counter()
+    s = _clean_score(score)
+    if s.ndim != 2:
+        raise ValueError(f"score must be [C, K], got shape {s.shape}")
+    C, K = s.shape
+    nbytes = np.asarray(expert_bytes, dtype=np.float64).reshape(K)
+    mem = np.asarray(memory, dtype=np.float64).reshape(C)
+    mem = np.where(np.isnan(mem), 0.0, np.minimum(mem, nbytes.sum() + 1.0))
+    if C == 0 or K == 0:
+        return AssignmentResult(np.zeros((C, K), bool), "empty", time.perf_counter() - t0, 0.0, 0.0, [], "lp")
+    E_mem = nbytes[None, :] <= mem[:, None]
+    tpe = slack = None
+    E = E_mem
+    if deadline is not None:
+        tf = np.zeros(C) if time_fixed is None else np.asarray(time_fixed, np.float64).reshape(C)
+        tpe = np.zeros((C, K)) if time_per_expert is None else np.asarray(time_per_expert, np.float64)
+        slack = float(deadline) - tf
+        E = E_mem & (tpe <= slack[:, None]) & (slack[:, None] >= 0)
+    relaxed: list[str] = []
+    if k_fixed is not None:
+        kf = np.clip(np.asarray(k_fixed, dtype=np.int64).reshape(C), 0, K)
+        cap = np.minimum(_max_count_fitting(np.broadcast_to(nbytes, (C, K)), E_mem, mem), kf)
+        if (cap < kf).any():
+            relaxed.append("k_fixed_capped")
+        kf = cap
+    lo_a = None if lo is None else np.asarray(lo, dtype=np.int64).reshape(K)
+    hi_a = None if hi is None else np.asarray(hi, dtype=np.int64).reshape(K)
+    if hi_a is not None and lo_a is not None:
+        lo_a = np.minimum(lo_a, hi_a)
+
+    def counts(Ecur):
+        """Per-client count bounds under eligibility ``Ecur``."""
+        if k_fixed is not None:
+            return kf.copy(), kf.copy()
+        k_lo = (Ecur.any(axis=1) & min_one).astype(np.int64)
+        return k_lo, np.full(C, K, dtype=np.int64)
+
+    # Stages: (relaxation name, lo, hi, deadline active)
+    if lo_a is not None:
+        clipped = np.minimum(lo_a, E.sum(axis=0))
+        if (clipped < lo_a).any():
+            relaxed.append("balance_lo_clipped")
+        lo_a = clipped
+    stages = [(None, lo_a, hi_a, deadline is not None)]
+    if lo_a is not None and lo_a.any():
+        stages.append(("balance_lo", None, hi_a, deadline is not None))
+    if hi_a is not None:
+        stages.append(("balance_hi", None, None, deadline is not None))
+    if deadline is not None:
+        stages.append(("deadline", None, None, False))
+
+    x, state, gap, used = None, "error", None, "greedy"
+    if method != "greedy":
+        for name, lo_s, hi_s, dl in stages:
+            if name is not None:
+                relaxed.append(name)
+            Ecur = E if dl else E_mem
+            k_lo, k_hi = counts(Ecur)
+            remaining = time_limit_s - (time.perf_counter() - t0)
+            x, state, gap, used = _solve(
+                s, Ecur, nbytes, mem, tpe if dl else None, slack if dl else None,
+                lo_s, hi_s, k_lo, k_hi,
+                force_milp=(method == "milp"), time_limit=remaining, gap=mip_rel_gap,
+            )
+            if x is not None or state == "error" or remaining <= 0:
+                break
+    dl_final = deadline is not None and "deadline" not in relaxed
+    if x is None:
+        Ecur = E if deadline is not None else E_mem
+        k_lo, k_hi = counts(Ecur)
+        x = _greedy(s, Ecur, nbytes, mem, tpe, slack, k_lo, k_hi)
+        state, gap, used = "fallback", None, "greedy"
+        dl_final = deadline is not None
+    x = _repair(x, s, np.broadcast_to(nbytes, (C, K)), mem)
+    if dl_final:
+        x = _repair(x, s, tpe, slack + 1e-9 * np.abs(slack))
+    if state == "fallback":
+        status = "fallback"
+    elif "deadline" in relaxed:
+        status = "relaxed_deadline"
+    elif any(r.startswith("balance") for r in relaxed):
+        status = "relaxed_balance"
+    else:
+        status = state
+    return AssignmentResult(
+        x=x, status=status, solve_time_s=time.perf_counter() - t0,
+        objective=float((s * x).sum()), mip_gap=gap, relaxed=relaxed, method=used,
+    )
+
+
+def capacity_in_experts(memory: np.ndarray, expert_bytes: np.ndarray) -> np.ndarray:
+    """Experts each client can hold assuming every expert is the largest:
+    ``floor(memory / max(bytes))`` capped to ``[0, K]`` (int64 ``[C]``)."""
+    nbytes = np.asarray(expert_bytes, dtype=np.float64)
+    mem = np.asarray(memory, dtype=np.float64)
+    K = nbytes.size
+    if K == 0:
+        return np.zeros(mem.shape, dtype=np.int64)
+    b = float(nbytes.max())
+    if b <= 0:
+        return np.full(mem.shape, K, dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        k = np.floor(np.nan_to_num(mem / b, nan=0.0, posinf=K))
+    return np.clip(k, 0, K).astype(np.int64)
+
+
+def assign_random(k: np.ndarray, num_experts: int, rng: np.random.Generator) -> np.ndarray:
+    """``k[c]`` distinct experts per client, uniformly at random (``k`` clipped to [0, K])."""
+    k = np.clip(np.asarray(k, dtype=np.int64), 0, num_experts)
+    ranks = np.argsort(rng.random((k.size, num_experts)), axis=1)
+    x = np.zeros((k.size, num_experts), bool)
+    take = np.arange(num_experts)[None, :] < k[:, None]
+    np.put_along_axis(x, ranks, take, axis=1)
+    return x
+
+
+def assign_topk(score: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Each client's ``k[c]`` best experts by score (greedy, no balance; NaN ranks last,
+    ties go to the lower index)."""
+    s = np.asarray(score, dtype=np.float64)
+    C, K = s.shape
+    k = np.clip(np.asarray(k, dtype=np.int64).reshape(C), 0, K)
+    order = np.argsort(-np.where(np.isnan(s), -np.inf, s), axis=1, kind="stable")
+    x = np.zeros((C, K), bool)
+    np.put_along_axis(x, order, np.arange(K)[None, :] < k[:, None], axis=1)
+    return x
+
+
+def assign_full(num_clients: int, num_experts: int) -> np.ndarray:
+    """Every client holds every expert (the ``full`` baseline)."""
+    return np.ones((num_clients, num_experts), dtype=bool)
+
+
+def bench_solver(C: int = 1000, K: int = 64, seed: int = 0, *, uniform_bytes: bool = True,
+                 band: float = 0.0, method: str = "auto") -> AssignmentResult:
+    """Solve one synthetic cohort with memory, deadline and balance; returns the result.
+
+    Memory tiers hold 2/4/8/16/all experts; bandwidths are log-uniform 0.2-20 MB/s; the
+    deadline cuts the slowest clients' count; balance is the ``band`` around the mean of
+    the per-client count caps. ``uniform_bytes=False`` makes the second half of the
+    experts half as large, which turns memory and deadline into knapsack rows (MILP).
+    """
+    rng = np.random.default_rng(seed)
+    nbytes = np.full(K, 4.0e6)
+    if not uniform_bytes:
+        nbytes[K // 2:] = 2.0e6
+    tiers = np.array([2, 4, 8, 16, K])
+    memory = rng.choice(tiers, size=C) * nbytes.max()
+    bw = np.exp(rng.uniform(np.log(2e5), np.log(2e7), size=C))
+    tpe = 2.0 * nbytes[None, :] / bw[:, None]
+    time_fixed = rng.uniform(5.0, 30.0, size=C)
+    deadline = 120.0
+    cap_mem = capacity_in_experts(memory, nbytes)
+    cap_dl = np.floor(np.maximum(deadline - time_fixed, 0) / tpe.max(axis=1))
+    slots = int(np.minimum(cap_mem, cap_dl).sum())
+    lo, hi = coverage_bounds(slots, K, band)
+    score = rng.dirichlet(np.full(K, 0.3), size=C)
+    return assign_experts(score, nbytes, memory, time_fixed=time_fixed, time_per_expert=tpe,
+                          deadline=deadline, lo=lo, hi=hi, method=method)
+
+
+def _main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark the expert-assignment solver.")
+    p.add_argument("--bench", action="store_true", help="run the benchmark (default)")
+    p.add_argument("--C", type=int, default=1000)
+    p.add_argument("--K", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=3)
+    a = p.parse_args(argv)
+    for uniform in (True, False):
+        for band in (0.0, 0.5):
+            for seed in range(a.seeds):
+                r = bench_solver(a.C, a.K, seed, uniform_bytes=uniform, band=band)
+                print(f"C={a.C} K={a.K} uniform_bytes={uniform} band={band} seed={seed}: "
+                      f"{r.solve_time_s * 1e3:.0f} ms method={r.method} status={r.status} "
+                      f"gap={r.mip_gap} slots={int(r.x.sum())} relaxed={r.relaxed}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,77 @@
+"""Build an experiment's data and model from a :class:`~fedmoe_flwr.config.Config`.
+
+Used by both sides (the ClientApp and the ServerApp's evaluation), so they build the same
+model with the same parameter names. Cached per process: Flower rebuilds apps often.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from fedmoe_flwr.config import Config, ModelName, flatten, unflatten
+from fedmoe_flwr.data import load_federated
+from fedmoe_flwr.models import build_model, param_layout
+
+
+def load_data(cfg: Config):
+    """The federated dataset the config names (cached by the data package)."""
+    d = cfg.dataset
+    return load_federated(
+        d.name.value,
+        num_clients=d.num_clients,
+        partitioner=d.partitioner,
+        alpha=d.alpha,
+        seed=cfg.seed,
+        holdout_fraction=d.holdout_fraction,
+        max_train_samples=d.max_train_samples,
+        **({"num_domains": d.num_domains} if d.partitioner == "domain" else {}),
+    )
+
+
+def model_kwargs(cfg: Config, data) -> tuple[str, dict]:
+    """The zoo name and constructor arguments for the config's model on this data."""
+    m = cfg.model
+    common = dict(
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        d_hidden=m.d_hidden,
+        shared_expert=m.shared_expert,
+        d_model=m.d_model,
+    )
+    if m.name == ModelName.moe_mlp:
+        in_dim = 1
+        for s in data.input_shape:
+            in_dim *= int(s)
+        return "moe_mlp", dict(common, in_dim=in_dim, num_classes=data.num_classes, num_moe_layers=m.num_moe_layers)
+    if m.name == ModelName.moe_cnn:
+        return "moe_cnn", dict(common, num_classes=data.num_classes)
+    if m.name == ModelName.moe_lm:
+        return "moe_lm", dict(
+            common, vocab_size=data.num_classes, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head
+        )
+    raise ValueError(f"unknown model {m.name!r}")
+
+
+def build(cfg: Config, data, *, dense: bool = False) -> torch.nn.Module:
+    """A freshly initialised model; the initial weights depend only on ``cfg.seed``."""
+    name, kwargs = model_kwargs(cfg, data)
+    torch.manual_seed(cfg.seed)
+    return build_model(name, dense=dense, **kwargs)
+
+
+@lru_cache(maxsize=8)
+def _cached(flat_items: tuple):
+    cfg = unflatten(dict(flat_items))
+    data = load_data(cfg)
+    model = build(cfg, data, dense=cfg.strategy.name.value == "dense")
+    return cfg, data, model, param_layout(model)
+
+
+def experiment_for(cfg: Config):
+    """``(cfg, data, model, layout)`` for this config, built once per process.
+
+    The model is a shared skeleton: callers load the state they need into it each time.
+    """
+    return _cached(tuple(sorted(flatten(cfg).items())))

@@ -1,0 +1,68 @@
+"""Models: the MoE layer with expert masking, the model zoo, and slicing by expert."""
+
+from fedmoe_flwr.models.lm import MoELM, MoELMConfig
+from fedmoe_flwr.models.moe import (
+    ExpertFFN,
+    MoELayer,
+    MoEStats,
+    UnknownExpertError,
+    active_expert_keys,
+    active_param_count,
+    aux_loss,
+    expert_keys,
+    make_ffn,
+    moe_layers,
+    set_active_experts,
+)
+from fedmoe_flwr.models.slicing import (
+    from_array_record,
+    held_expert_keys,
+    merge_sub_state,
+    param_layout,
+    split_state,
+    state_nbytes,
+    sub_state,
+    sub_state_names,
+    to_array_record,
+)
+from fedmoe_flwr.models.zoo import (
+    MODEL_CONFIGS,
+    MODEL_NAMES,
+    MoECNN,
+    MoECNNConfig,
+    MoEMLP,
+    MoEMLPConfig,
+    build_model,
+)
+
+__all__ = [
+    "ExpertFFN",
+    "MODEL_CONFIGS",
+    "MODEL_NAMES",
+    "MoECNN",
+    "MoECNNConfig",
+    "MoELM",
+    "MoELMConfig",
+    "MoELayer",
+    "MoEMLP",
+    "MoEMLPConfig",
+    "MoEStats",
+    "UnknownExpertError",
+    "active_expert_keys",
+    "active_param_count",
+    "aux_loss",
+    "build_model",
+    "expert_keys",
+    "from_array_record",
+    "held_expert_keys",
+    "make_ffn",
+    "merge_sub_state",
+    "moe_layers",
+    "param_layout",
+    "set_active_experts",
+    "split_state",
+    "state_nbytes",
+    "sub_state",
+    "sub_state_names",
+    "to_array_record",
+]

@@ -1,0 +1,149 @@
+"""The ServerApp: build the strategy from the config and run Flower's ``Strategy.start``.
+
+Per-round outputs are written from Flower's own ``evaluate_fn`` hook, which ``start()``
+calls after every round: it evaluates the global model on the test set every
+``eval_every`` rounds and appends the round's metrics to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoe_flwr.client.local_update import evaluate
+from fedmoe_flwr.config import Config, StrategyName, flatten, unflatten
+from fedmoe_flwr.experiment import build, experiment_for
+from fedmoe_flwr.models import set_active_experts
+from fedmoe_flwr.models.slicing import from_array_record, to_array_record
+from fedmoe_flwr.outputs import append_jsonl, summarize, write_json
+
+log = logging.getLogger("fedmoe_flwr")
+
+
+def build_strategy(cfg: Config, layout):
+    """The strategy the config names, with every setting taken from the config."""
+    from strategies import STRATEGIES, DenseFedAvg, FitnessSettings
+
+    s = cfg.strategy
+    train_config = {
+        "local-epochs": cfg.train.local_epochs,
+        "batch-size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "proximal-mu": cfg.train.proximal_mu,
+    }
+    if s.name == StrategyName.dense:
+        return DenseFedAvg(
+            seed=cfg.seed, deadline_s=cfg.fleet.deadline_s, train_config=train_config,
+            fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes, min_available_nodes=1,
+        )
+    common = dict(
+        fraction_train=s.fraction_train,
+        min_train_nodes=s.min_train_nodes,
+        fraction_evaluate=s.fraction_evaluate,
+        seed=cfg.seed,
+        probe=s.probe,
+        deadline_s=cfg.fleet.deadline_s,
+        norm_bound=s.norm_bound,
+        server_opt=s.server_opt,
+        server_lr=s.server_lr,
+        fitness=FitnessSettings(
+            w_hist=s.w_hist, w_gate=s.w_gate, w_loss=s.w_loss, alpha=s.loss_alpha,
+            beta=s.beta, kappa=s.kappa, anneal_rounds=s.anneal_rounds,
+        ),
+        profile_ema=s.profile_ema,
+        train_config=train_config,
+    )
+    cls = STRATEGIES[s.name.value]
+    if s.name == StrategyName.aligned:
+        return cls(layout, band=s.band, price_step=s.price_step, use_deadline=s.use_deadline, **common)
+    if s.name == StrategyName.flex:
+        return cls(layout, band=s.band, **common)
+    return cls(layout, **common)
+
+
+class RunRecorder:
+    """Flower's ``evaluate_fn``: global evaluation plus one ``metrics.jsonl`` row per round."""
+
+    def __init__(self, cfg: Config, data, strategy, out_dir: Path | None, progress=None):
+        self.cfg = cfg
+        self.data = data
+        self.strategy = strategy
+        self.out_dir = out_dir
+        self.model = build(cfg, data, dense=cfg.strategy.name == StrategyName.dense)
+        self.rows: list[dict] = []
+        self.t0 = time.perf_counter()
+        self.progress = progress
+        if out_dir is not None:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        row: dict = {"round": server_round}
+        if server_round > 0:
+            last = getattr(self.strategy, "last", None)
+            row.update(last.metrics if last is not None else self.strategy.last_metrics)
+        result = None
+        last_round = server_round == self.cfg.num_rounds
+        if server_round == 0 or server_round % self.cfg.eval_every == 0 or last_round:
+            self.model.load_state_dict(from_array_record(arrays))
+            set_active_experts(self.model, None)
+            x, y = self.data.test
+            loss, acc, _ = evaluate(self.model, x, y)
+            row.update(accuracy=acc, loss=loss)
+            result = MetricRecord({"accuracy": acc, "loss": loss})
+        row["wall_time_s"] = time.perf_counter() - self.t0
+        self.rows.append(row)
+        if self.out_dir is not None:
+            append_jsonl(self.out_dir / "metrics.jsonl", row)
+        if self.progress is not None:
+            self.progress(row)
+        return result
+
+
+def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progress=None) -> dict:
+    """Run the whole federated training on ``grid``; returns (and writes) the summary."""
+    cfg, data, skeleton, layout = experiment_for(cfg)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    initial = build(cfg, data, dense=cfg.strategy.name == StrategyName.dense)
+    strategy = build_strategy(cfg, layout)
+    recorder = RunRecorder(cfg, data, strategy, out, progress)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(initial.state_dict()),
+        num_rounds=cfg.num_rounds,
+        timeout=3600,
+        train_config=ConfigRecord(),
+        evaluate_fn=recorder,
+    )
+    summary = summarize(recorder.rows, list(cfg.targets), strategy=cfg.strategy.name.value, seed=cfg.seed)
+    summary["wall_time_total"] = time.perf_counter() - recorder.t0
+    if out is not None:
+        write_json(out / "summary.json", summary)
+        if cfg.save_model:
+            torch.save(from_array_record(result.arrays), out / "model.pt")
+    return summary
+
+
+def make_server_app(defaults: dict | None = None, out_dir: str | None = None, progress=None) -> ServerApp:
+    """A ServerApp whose settings are ``defaults`` overridden by Flower's ``run_config``."""
+    defaults = dict(defaults or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = dict(context.run_config)
+        target_dir = run_config.pop("output-dir", None) or out_dir
+        run_server(grid, unflatten({**defaults, **run_config}), target_dir, progress)
+
+    return app
+
+
+# For `flwr run` (pyproject's [tool.flwr.app.components]).
+app = make_server_app(flatten(Config()))

@@ -1,0 +1,53 @@
+"""``aligned``: client-expert alignment (DESIGN.md §2-§6).
+
+Fitness from the clients' routing histograms (optionally gate share and loss feedback,
+optionally UCB exploration), measured capacity profiles, a round deadline, per-expert load
+bounds with dual prices, and an exact assignment by HiGHS each round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmoe_flwr import core
+from strategies.base import AssignmentProblem, ExpertStrategy
+
+
+class AlignedStrategy(ExpertStrategy):
+    """The full design. Extra args over :class:`ExpertStrategy`:
+
+    Args:
+        band: load band around the mean slots per expert (0 = exact floor/ceil band, where
+            prices cannot change the solution; > 0 lets the prices steer load over rounds).
+        price_step: step of the per-expert dual price (0 = no prices).
+        use_deadline: keep each client's predicted round time within ``deadline_s``.
+    """
+
+    name = "aligned"
+
+    def __init__(self, layout, *, band: float = 0.0, price_step: float = 0.0, use_deadline: bool = True, **kwargs):
+        super().__init__(layout, **kwargs)
+        self.band = band
+        self.price_step = price_step
+        self.use_deadline = use_deadline
+
+    def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
+        f = self.fitness
+        price = self.state.load.price if self.price_step > 0 else None
+        score = core.solver_score(self.state.fitness, problem.rows, price, kappa=f.kappa, anneal_rounds=f.anneal_rounds)
+        k = len(self.expert_keys)
+        lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), k, self.band)
+        deadline = self.deadline_s if (self.use_deadline and self.deadline_s is not None) else None
+        return core.assign_experts(
+            score,
+            problem.expert_bytes,
+            problem.memory,
+            time_fixed=problem.time_fixed,
+            time_per_expert=problem.time_per_expert,
+            deadline=deadline,
+            lo=lo,
+            hi=hi,
+        )
+
+    def load_update_kwargs(self) -> dict:
+        return {"price_step": self.price_step}

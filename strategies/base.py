@@ -1,0 +1,465 @@
+"""The Flower adapter shared by every expert-aware strategy.
+
+:class:`ExpertStrategy` is a ``flwr.serverapp.strategy.Strategy`` (Message API). Its hooks
+do the Flower work, and the alignment core (:mod:`fedmoe_flwr.core`, pure functions) does
+the thinking:
+
+- ``configure_train``: sample the cohort from the grid's nodes (seeded by ``(seed, round)``),
+  ask new nodes for their profile (and routing histogram) with a QUERY message, call
+  :meth:`ExpertStrategy.assign` (the one method subclasses change), and send each node an
+  ``ArrayRecord`` with exactly the shared tensors and its experts.
+- ``aggregate_train``: split off failed replies and replies past the deadline, validate the
+  rest (rejected updates are logged with their reason, never aggregated), aggregate per
+  expert, take a server-optimizer step, then update profiles, fitness and load.
+
+All learning state is one :class:`~fedmoe_flwr.core.AlignmentState`; see
+:meth:`ExpertStrategy.state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmoe_flwr import core
+from fedmoe_flwr import protocol as P
+from fedmoe_flwr.fleet import rng_for
+from fedmoe_flwr.layout import ParamLayout
+
+
+@dataclass
+class FitnessSettings:
+    """How per-pair signals become fitness (DESIGN.md §4)."""
+
+    w_hist: float = 1.0
+    w_gate: float = 0.0
+    w_loss: float = 0.0
+    alpha: float = 1.0
+    beta: float = 0.5
+    kappa: float = 0.0
+    anneal_rounds: int | None = 50
+
+
+@dataclass
+class AssignmentProblem:
+    """What :meth:`ExpertStrategy.assign` decides over: one row per cohort client."""
+
+    round: int
+    client_ids: list[str]
+    rows: np.ndarray  # rows of the clients in the alignment state
+    memory: np.ndarray  # [C] bytes each client can hold for experts
+    expert_bytes: np.ndarray  # [K]
+    k_cap: np.ndarray  # [C] experts each client can hold
+    time_fixed: np.ndarray  # [C] seconds of a round without experts (shared part)
+    time_per_expert: np.ndarray  # [C, K] seconds each expert adds
+    rng: np.random.Generator
+
+
+@dataclass
+class _Sent:
+    client_id: str
+    keys: list[str]
+    bytes_down: int
+
+
+@dataclass
+class RoundLog:
+    """What the last round did; read by run outputs and tests."""
+
+    assignment: dict[str, list[str]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: arr.numpy() for name, arr in arrays.items()}
+
+
+class ExpertStrategy(Strategy):
+    """Expert-aware federated training of an MoE model (base of every fedmoe strategy).
+
+    Args:
+        layout: which tensors belong to which expert (``fedmoe_flwr.models.param_layout``).
+        fraction_train: fraction of connected nodes in each training cohort.
+        min_train_nodes: lower bound on the cohort size.
+        min_available_nodes: rounds wait for nothing; fewer connected nodes than this
+            skips the round (logged) instead of failing.
+        fraction_evaluate: fraction of nodes for federated (personalised) evaluation:
+            each evaluates the experts :meth:`assign` would give it on its held-out split.
+            0 disables federated evaluation.
+        seed: every random choice derives from ``(seed, round, client)``.
+        probe: QUERY new nodes for their routing histogram (cold-start fitness).
+        deadline_s: simulated/measured round deadline; replies slower than it are dropped
+            and the deadline-aware strategies keep assignments within it. None = no deadline.
+        norm_bound: updates whose delta norm exceeds it are rejected. None = no bound.
+        server_opt, server_lr: ``"avg"``, ``"fedadam"`` or ``"fedyogi"`` server step.
+        fitness: signal weights, smoothing and exploration (:class:`FitnessSettings`).
+        profile_ema: smoothing of measured speeds and reliability.
+        train_config: extra settings sent in every TRAIN message (``local-epochs``, ``lr``...).
+        train_metrics_aggr_fn, evaluate_metrics_aggr_fn: ``(list[RecordDict], weight_key) ->
+            MetricRecord``, as in Flower's FedAvg; default: weighted mean by ``num-examples``.
+        query_timeout: seconds to wait for QUERY replies.
+    """
+
+    name = "expert"
+
+    def __init__(
+        self,
+        layout: ParamLayout,
+        *,
+        fraction_train: float = 0.5,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 1,
+        fraction_evaluate: float = 0.0,
+        seed: int = 0,
+        probe: bool = True,
+        deadline_s: float | None = None,
+        norm_bound: float | None = None,
+        server_opt: str = "avg",
+        server_lr: float = 1.0,
+        fitness: FitnessSettings | None = None,
+        profile_ema: float = 0.3,
+        train_config: dict | None = None,
+        train_metrics_aggr_fn: Callable | None = None,
+        evaluate_metrics_aggr_fn: Callable | None = None,
+        query_timeout: float = 600.0,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        self.layout = layout
+        self.expert_keys = layout.expert_keys
+        self.expert_bytes = np.array([layout.expert_nbytes(k) for k in self.expert_keys], dtype=np.float64)
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.seed = seed
+        self.probe = probe
+        self.deadline_s = deadline_s
+        self.norm_bound = norm_bound
+        self.server_opt = server_opt
+        self.server_lr = server_lr
+        self.fitness = fitness or FitnessSettings()
+        self.profile_ema = profile_ema
+        self.train_config = dict(train_config or {})
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
+        self.query_timeout = query_timeout
+        self.state = core.init_state(self.expert_keys)
+        self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id
+        self.num_examples: dict[str, int] = {}
+        self.sim_time_total = 0.0
+        self.bytes_total = 0
+        self.last = RoundLog()
+        self._sent: dict[int, _Sent] = {}
+        self._global: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ the one hook
+    def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
+        """Choose each cohort client's experts. Subclasses override this (and only this)."""
+        raise NotImplementedError
+
+    def personal_experts(self, problem: AssignmentProblem) -> core.AssignmentResult:
+        """The experts a client would get for personalised evaluation (default: :meth:`assign`)."""
+        return self.assign(problem)
+
+    # ------------------------------------------------------------------ Flower hooks
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: %d experts, fraction_train %.2f, deadline %s s",
+            type(self).__name__, len(self.expert_keys), self.fraction_train, self.deadline_s)
+        log(INFO, "\t└──> fitness %s", self.fitness)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = _to_numpy(arrays)
+        cohort = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, "train")
+        cohort = self._ensure_profiles(grid, cohort, arrays, server_round)
+        if not cohort:
+            self._sent = {}
+            return []
+        problem = self._problem(server_round, cohort)
+        result = self.assign(problem)
+        self.last = RoundLog(metrics={"solve_time_s": result.solve_time_s})
+        self.last.metrics["assign_relaxed"] = float(len(result.relaxed))
+        self._sent = {}
+        messages = []
+        for i, node_id in enumerate(cohort):
+            keys = [self.expert_keys[k] for k in np.flatnonzero(result.x[i])]
+            record, nbytes = self._payload(arrays, keys)
+            conf = ConfigRecord({**self.train_config, **dict(config), "server-round": server_round, "experts": keys})
+            self._sent[node_id] = _Sent(problem.client_ids[i], keys, nbytes)
+            self.last.assignment[problem.client_ids[i]] = keys
+            messages.append(Message(RecordDict({P.ARRAYS: record, P.CONFIG: conf}), dst_node_id=node_id, message_type=MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        t0 = time.perf_counter()
+        updates, reports, observations, accepted_contents = [], [], {}, []
+        dropped, rejected = {}, {}
+        round_times, late = [], False
+        replied = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            sent = self._sent.get(node_id)
+            if sent is None:
+                log(WARNING, "reply from node %s that was not sent a TRAIN message; ignored", node_id)
+                continue
+            replied.add(node_id)
+            cid = sent.client_id
+            if msg.has_error():
+                dropped[cid] = (msg.error.reason or "error").splitlines()[0][:200]
+                observations[cid] = {"completed": False}
+                continue
+            try:
+                update, obs, secs, rep = self._read_reply(msg, sent)
+            except ValueError as ex:
+                rejected[cid] = str(ex)
+                observations[cid] = {"completed": False}
+                continue
+            if self.deadline_s is not None and secs > self.deadline_s:
+                dropped[cid] = f"missed the deadline ({secs:.1f} s > {self.deadline_s} s)"
+                observations[cid] = {**obs, "completed": False}
+                late = True
+                continue
+            updates.append(update)
+            reports.append(rep)
+            observations[cid] = {**obs, "completed": True}
+            accepted_contents.append(msg.content)
+            round_times.append(secs)
+        for node_id, sent in self._sent.items():
+            if node_id not in replied:
+                dropped[sent.client_id] = "no reply (timeout)"
+                observations[sent.client_id] = {"completed": False}
+        for cid, why in {**dropped, **rejected}.items():
+            log(INFO, "round %d: update of client %s not aggregated: %s", server_round, cid, why)
+
+        new_arrays = None
+        if updates:
+            new_global, delta, _ = core.aggregate_experts(self._global, updates, self.layout)
+            touched = set(self.layout.shared_params) | {n for u in updates for k in u.held for n in self.layout.expert_params[k]}
+            new_global, self.state.opt_state = core.server_step(
+                self._global, delta, self.state.opt_state, kind=self.server_opt, lr=self.server_lr, touched=touched
+            )
+            new_arrays = ArrayRecord({n: new_global[n] for n in self._global})
+            self._global = new_global
+        self._learn(server_round, updates, reports, observations)
+
+        sim_round = max(round_times, default=0.0)
+        if (late or dropped) and self.deadline_s is not None:
+            sim_round = self.deadline_s  # the server waited until the deadline
+        self.sim_time_total += sim_round
+        bytes_down = sum(s.bytes_down for s in self._sent.values())
+        bytes_up = sum(int(c[P.REPORT][P.BYTES_UP]) for c in accepted_contents)
+        self.bytes_total += bytes_down + bytes_up
+        tokens_k = self.state.load.tokens_last
+        m = self.last.metrics
+        m.update({
+            "bytes_down": float(bytes_down), "bytes_up": float(bytes_up), "bytes_total": float(self.bytes_total),
+            "sim_round_time_s": sim_round, "sim_time_total_s": self.sim_time_total,
+            "load_cv": core.load_cv(self.state.load.clients_last), "token_load_cv": core.load_cv(tokens_k),
+            "num_sent": float(len(self._sent)), "num_aggregated": float(len(updates)),
+            "num_dropped": float(len(dropped)), "num_rejected": float(len(rejected)),
+            "aggregate_time_s": time.perf_counter() - t0,
+        })
+        if accepted_contents:
+            losses = [float(c[P.REPORT][P.TRAIN_LOSS]) for c in accepted_contents]
+            weights = [float(c[P.REPORT][P.NUM_EXAMPLES]) for c in accepted_contents]
+            m["train_loss"] = float(np.average(losses, weights=weights))
+        if self.train_metrics_aggr_fn is not None and accepted_contents:
+            m.update(dict(self.train_metrics_aggr_fn(accepted_contents, P.NUM_EXAMPLES)))
+        self.last.dropped, self.last.rejected = dropped, rejected
+        return new_arrays, MetricRecord({k: float(v) for k, v in m.items()})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0:
+            return []
+        nodes = self._sample(grid, server_round, self.fraction_evaluate, 1, "evaluate")
+        nodes = self._ensure_profiles(grid, nodes, arrays, server_round)
+        if not nodes:
+            return []
+        problem = self._problem(server_round, nodes)
+        result = self.personal_experts(problem)
+        messages = []
+        for i, node_id in enumerate(nodes):
+            keys = [self.expert_keys[k] for k in np.flatnonzero(result.x[i])]
+            if not keys:
+                continue
+            record, _ = self._payload(arrays, keys)
+            conf = ConfigRecord({**dict(config), "server-round": server_round, "experts": keys})
+            messages.append(Message(RecordDict({P.ARRAYS: record, P.CONFIG: conf}), dst_node_id=node_id, message_type=MessageType.EVALUATE))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = [m.content for m in replies if not m.has_error() and P.METRICS in m.content]
+        if not good:
+            return None
+        if self.evaluate_metrics_aggr_fn is not None:
+            return self.evaluate_metrics_aggr_fn(good, P.NUM_EXAMPLES)
+        w = np.array([float(c[P.METRICS][P.NUM_EXAMPLES]) for c in good])
+        acc = np.array([float(c[P.METRICS]["accuracy"]) for c in good])
+        loss = np.array([float(c[P.METRICS]["loss"]) for c in good])
+        personal = {
+            "personal_accuracy": float(np.average(acc, weights=w)),
+            "personal_loss": float(np.average(loss, weights=w)),
+            "personal_clients": float(len(good)),
+        }
+        self.last.metrics.update(personal)
+        return MetricRecord(personal)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything the strategy learned, JSON-serialisable (with numpy arrays as lists)."""
+        return {
+            "alignment": core.state_to_dict(self.state),
+            "num_examples": dict(self.num_examples),
+            "sim_time_total": self.sim_time_total,
+            "bytes_total": self.bytes_total,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = core.state_from_dict(d["alignment"])
+        self.num_examples = {k: int(v) for k, v in d["num_examples"].items()}
+        self.sim_time_total = float(d["sim_time_total"])
+        self.bytes_total = int(d["bytes_total"])
+
+    # ------------------------------------------------------------------ helpers
+    def _sample(self, grid: Grid, rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "round %d: %d nodes connected, %d required; skipping %s", rnd, len(nodes), self.min_available_nodes, purpose)
+            return []
+        # Order by stable client id where known so the cohort does not depend on random node ids.
+        nodes.sort(key=lambda n: (self.node_clients.get(n, ""), n))
+        size = min(len(nodes), max(int(round(len(nodes) * fraction)), minimum))
+        pick = rng_for(self.seed, purpose, rnd).choice(len(nodes), size=size, replace=False)
+        return [nodes[i] for i in sorted(pick)]
+
+    def _ensure_profiles(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, rnd: int) -> list[int]:
+        """QUERY nodes never seen (profile + routing histogram); drop nodes that fail to answer."""
+        new = [n for n in nodes if n not in self.node_clients]
+        if new:
+            content = {P.CONFIG: ConfigRecord({"probe": self.probe, "server-round": rnd})}
+            if self.probe:
+                content[P.ARRAYS], _ = self._payload(arrays, [])
+            msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+            for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
+                if reply.has_error() or P.PROFILE not in reply.content:
+                    continue
+                self._register(reply.metadata.src_node_id, reply.content)
+        return [n for n in nodes if n in self.node_clients]
+
+    def _register(self, node_id: int, content: RecordDict) -> None:
+        prof = content[P.PROFILE]
+        cid = str(prof[P.CLIENT_ID])
+        self.node_clients[node_id] = cid
+        self.state, row = core.ensure_client(
+            self.state, cid,
+            memory_bytes=float(prof.get(P.EXPERT_MEMORY, math.inf)),
+            compute_tier=str(prof.get(P.TIER, "")) or None,
+            declared_samples_per_s=prof.get(P.SAMPLES_PER_S),
+            declared_uplink_Bps=prof.get(P.UPLINK),
+            declared_downlink_Bps=prof.get(P.DOWNLINK),
+            declared_reliability=prof.get(P.RELIABILITY),
+        )
+        if P.NUM_EXAMPLES in prof:
+            self.num_examples[cid] = int(prof[P.NUM_EXAMPLES])
+        if P.REPORT in content and not self.state.fitness.seen[row]:
+            k = len(self.expert_keys)
+            hist = P.decode_vector(content[P.REPORT][P.HIST], k)
+            gate = P.decode_vector(content[P.REPORT][P.GATE_SHARE], k)
+            self._observe_fitness(row, hist, gate, None, trained=np.zeros(k, bool))
+
+    def _problem(self, rnd: int, nodes: list[int]) -> AssignmentProblem:
+        cids = [self.node_clients[n] for n in nodes]
+        rows = np.array([self.state.client_index[c] for c in cids], dtype=np.int64)
+        profiles = [self.state.profiles[c] for c in cids]
+        memory = np.array([p.memory_bytes for p in profiles], dtype=np.float64)
+        epochs = int(self.train_config.get("local-epochs", 1))
+        shared = float(self.layout.shared_nbytes)
+        costs = [core.expert_time_costs(p, self.expert_bytes, shared, self.num_examples.get(c, 0), epochs) for p, c in zip(profiles, cids)]
+        return AssignmentProblem(
+            round=rnd,
+            client_ids=cids,
+            rows=rows,
+            memory=memory,
+            expert_bytes=self.expert_bytes,
+            k_cap=core.capacity_in_experts(memory, self.expert_bytes),
+            time_fixed=np.array([c[0] for c in costs], dtype=np.float64),
+            time_per_expert=np.array([c[1] for c in costs], dtype=np.float64).reshape(len(cids), -1),
+            rng=rng_for(self.seed, "assign", rnd),
+        )
+
+    def _payload(self, arrays: ArrayRecord, keys: list[str]) -> tuple[ArrayRecord, int]:
+        names = self.layout.param_names(keys)
+        record = ArrayRecord({n: arrays[n] for n in names})
+        return record, int(sum(self.layout.nbytes[n] for n in names))
+
+    def _read_reply(self, msg: Message, sent: _Sent):
+        """Validate one reply; returns (update, profile observation, round seconds, report)."""
+        content = msg.content
+        if P.ARRAYS not in content or P.REPORT not in content:
+            raise ValueError("reply lacks 'arrays' or 'report'")
+        params = _to_numpy(content[P.ARRAYS])
+        names = set(self.layout.param_names(sent.keys))
+        ok, why = core.validate_update(params, expected_names=names, reference=self._global, norm_bound=self.norm_bound)
+        if not ok:
+            raise ValueError(why)
+        rep = content[P.REPORT]
+        k = len(self.expert_keys)
+        try:
+            tokens = P.decode_vector(rep[P.TOKENS], k, missing_as_nan=False)
+            n = int(rep[P.NUM_EXAMPLES])
+            secs = [float(rep[key]) for key in (P.DOWN_TIME, P.TRAIN_TIME, P.UP_TIME)]
+        except (KeyError, TypeError) as ex:
+            raise ValueError(f"malformed report: {ex}") from ex
+        held = frozenset(sent.keys)
+        token_map = {key: float(tokens[i]) for i, key in enumerate(self.expert_keys) if key in held}
+        ok, why = core.validate_report(token_map, held=held, num_samples=n)
+        if not ok or not all(math.isfinite(s) and s >= 0 for s in secs):
+            raise ValueError(why or f"bad timings {secs}")
+        update = core.ClientUpdate(client_id=sent.client_id, params=params, held=held, num_samples=n, tokens=token_map)
+        obs = dict(num_samples=n * int(self.train_config.get("local-epochs", 1)), train_time_s=secs[1],
+                   bytes_down=sent.bytes_down, down_time_s=secs[0], bytes_up=int(rep[P.BYTES_UP]), up_time_s=secs[2])
+        return update, obs, sum(secs), rep
+
+    def _observe_fitness(self, row: int, hist, gate, loss, trained: np.ndarray) -> None:
+        f = self.fitness
+        sig = core.fitness_signal(hist, gate, loss, w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss, alpha=f.alpha)
+        observed = np.isfinite(sig)
+        self.state.fitness = core.update_fitness(self.state.fitness, row, np.nan_to_num(sig), trained, observed_mask=observed, beta=f.beta)
+
+    def _learn(self, rnd: int, updates: list, reports: list, observations: dict) -> None:
+        """Fold the round into profiles, fitness and load (the core's pure updates)."""
+        self.state.profiles = core.update_profiles(self.state.profiles, observations, ema=self.profile_ema)
+        k = len(self.expert_keys)
+        tokens = np.zeros(k)
+        clients = np.zeros(k)
+        for u, rep in zip(updates, reports):
+            row = self.state.client_index[u.client_id]
+            trained = np.array([key in u.held for key in self.expert_keys])
+            hist = P.decode_vector(rep[P.HIST], k)
+            gate = P.decode_vector(rep[P.GATE_SHARE], k)
+            loss = P.decode_vector(rep[P.EXPERT_LOSS], k)
+            loss = np.where(trained, loss, np.nan)
+            self._observe_fitness(row, hist, gate, loss, trained)
+            for i, key in enumerate(self.expert_keys):
+                if key in u.held:
+                    tokens[i] += u.tokens.get(key, 0.0)
+                    clients[i] += 1
+        self.state.fitness.t = rnd
+        self.state.load = core.update_load(self.state.load, tokens, clients, rnd, **self.load_update_kwargs())
+        self.state.round = rnd
+
+    def load_update_kwargs(self) -> dict:
+        """Settings of the load monitor's price update (the aligned strategy sets a step)."""
+        return {"price_step": 0.0}

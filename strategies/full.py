@@ -1,0 +1,14 @@
+"""``full``: every client trains every expert, capacity ignored (accuracy reference, byte upper bound)."""
+
+from __future__ import annotations
+
+from fedmoe_flwr import core
+from strategies.base import AssignmentProblem, ExpertStrategy
+
+
+class FullStrategy(ExpertStrategy):
+    name = "full"
+
+    def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
+        x = core.assign_full(len(problem.client_ids), len(self.expert_keys))
+        return core.AssignmentResult(x=x, status="full", solve_time_s=0.0, objective=0.0, mip_gap=None)

@@ -1,0 +1,17 @@
+"""``random``: each client trains ``k_c`` experts drawn at random (``k_c`` from its memory)."""
+
+from __future__ import annotations
+
+import time
+
+from fedmoe_flwr import core
+from strategies.base import AssignmentProblem, ExpertStrategy
+
+
+class RandomStrategy(ExpertStrategy):
+    name = "random"
+
+    def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
+        t0 = time.perf_counter()
+        x = core.assign_random(problem.k_cap, len(self.expert_keys), problem.rng)
+        return core.AssignmentResult(x=x, status="random", solve_time_s=time.perf_counter() - t0, objective=0.0, mip_gap=None)
