@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -181,8 +181,8 @@ class ExpertStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = _to_numpy(arrays)
-        cohort = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, "train")
-        cohort = self._ensure_profiles(grid, cohort, arrays, server_round)
+        nodes = self._known_nodes(grid, arrays, server_round)
+        cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train")
         if not cohort:
             self._sent = {}
             return []
@@ -202,7 +202,8 @@ class ExpertStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # Aggregate in client-id order: floating-point sums then do not depend on arrival order.
+        replies = sorted(replies, key=lambda m: self._sent[m.metadata.src_node_id].client_id if m.metadata.src_node_id in self._sent else "")
         t0 = time.perf_counter()
         updates, reports, observations, accepted_contents = [], [], {}, []
         dropped, rejected = {}, {}
@@ -245,12 +246,13 @@ class ExpertStrategy(Strategy):
 
         new_arrays = None
         if updates:
-            new_global, delta, _ = core.aggregate_experts(self._global, updates, self.layout)
-            touched = set(self.layout.shared_params) | {n for u in updates for k in u.held for n in self.layout.expert_params[k]}
-            new_global, self.state.opt_state = core.server_step(
-                self._global, delta, self.state.opt_state, kind=self.server_opt, lr=self.server_lr, touched=touched
+            _, delta, stats = core.aggregate_experts(self._global, updates, self.layout)
+            new_global, opt_state = core.server_step(
+                self._global, delta, self.state.opt_state, kind=self.server_opt, lr=self.server_lr,
+                touched=set(stats["touched"]), row_masks=stats["row_masks"],
             )
-            new_arrays = ArrayRecord({n: new_global[n] for n in self._global})
+            self.state = replace(self.state, opt_state=opt_state)
+            new_arrays = ArrayRecord({n: Array(np.ascontiguousarray(new_global[n])) for n in self._global})
             self._global = new_global
         self._learn(server_round, updates, reports, observations)
 
@@ -269,6 +271,7 @@ class ExpertStrategy(Strategy):
             "load_cv": core.load_cv(self.state.load.clients_last), "token_load_cv": core.load_cv(tokens_k),
             "num_sent": float(len(self._sent)), "num_aggregated": float(len(updates)),
             "num_dropped": float(len(dropped)), "num_rejected": float(len(rejected)),
+            "experts_trained_total": float((self.state.load.clients_total > 0).sum()),
             "aggregate_time_s": time.perf_counter() - t0,
         })
         if accepted_contents:
@@ -283,8 +286,7 @@ class ExpertStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate <= 0:
             return []
-        nodes = self._sample(grid, server_round, self.fraction_evaluate, 1, "evaluate")
-        nodes = self._ensure_profiles(grid, nodes, arrays, server_round)
+        nodes = self._sample(self._known_nodes(grid, arrays, server_round), server_round, self.fraction_evaluate, 1, "evaluate")
         if not nodes:
             return []
         problem = self._problem(server_round, nodes)
@@ -319,33 +321,31 @@ class ExpertStrategy(Strategy):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything the strategy learned, JSON-serialisable (with numpy arrays as lists)."""
+        alignment, arrays = core.state_to_dict(self.state)
         return {
-            "alignment": core.state_to_dict(self.state),
+            "alignment": alignment,
+            "alignment_arrays": {k: v.tolist() for k, v in arrays.items()},
             "num_examples": dict(self.num_examples),
             "sim_time_total": self.sim_time_total,
             "bytes_total": self.bytes_total,
         }
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = core.state_from_dict(d["alignment"])
+        arrays = {k: np.asarray(v) for k, v in d.get("alignment_arrays", {}).items()}
+        self.state = core.state_from_dict(d["alignment"], arrays)
         self.num_examples = {k: int(v) for k, v in d["num_examples"].items()}
         self.sim_time_total = float(d["sim_time_total"])
         self.bytes_total = int(d["bytes_total"])
 
     # ------------------------------------------------------------------ helpers
-    def _sample(self, grid: Grid, rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
-        nodes = sorted(int(n) for n in grid.get_node_ids())
-        if len(nodes) < self.min_available_nodes:
-            log(WARNING, "round %d: %d nodes connected, %d required; skipping %s", rnd, len(nodes), self.min_available_nodes, purpose)
-            return []
-        # Order by stable client id where known so the cohort does not depend on random node ids.
-        nodes.sort(key=lambda n: (self.node_clients.get(n, ""), n))
-        size = min(len(nodes), max(int(round(len(nodes) * fraction)), minimum))
-        pick = rng_for(self.seed, purpose, rnd).choice(len(nodes), size=size, replace=False)
-        return [nodes[i] for i in sorted(pick)]
+    def _known_nodes(self, grid: Grid, arrays: ArrayRecord, rnd: int) -> list[int]:
+        """Connected nodes with a known profile, ordered by stable client id.
 
-    def _ensure_profiles(self, grid: Grid, nodes: list[int], arrays: ArrayRecord, rnd: int) -> list[int]:
-        """QUERY nodes never seen (profile + routing histogram); drop nodes that fail to answer."""
+        Nodes never seen get a QUERY (profile, and the routing histogram when probing);
+        nodes that do not answer are left out this round. Ordering by client id keeps
+        cohorts independent of Flower's random node ids.
+        """
+        nodes = [int(n) for n in grid.get_node_ids()]
         new = [n for n in nodes if n not in self.node_clients]
         if new:
             content = {P.CONFIG: ConfigRecord({"probe": self.probe, "server-round": rnd})}
@@ -354,16 +354,26 @@ class ExpertStrategy(Strategy):
             msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
                 if reply.has_error() or P.PROFILE not in reply.content:
+                    log(WARNING, "node %s did not answer the profile query", reply.metadata.src_node_id)
                     continue
                 self._register(reply.metadata.src_node_id, reply.content)
-        return [n for n in nodes if n in self.node_clients]
+        known = [n for n in nodes if n in self.node_clients]
+        return sorted(known, key=lambda n: self.node_clients[n])
+
+    def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
+        """A cohort drawn from ``(seed, purpose, round)`` over the client-id-ordered nodes."""
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "round %d: %d nodes available, %d required; skipping %s", rnd, len(nodes), self.min_available_nodes, purpose)
+            return []
+        size = min(len(nodes), max(int(round(len(nodes) * fraction)), minimum))
+        pick = rng_for(self.seed, purpose, rnd).choice(len(nodes), size=size, replace=False)
+        return [nodes[i] for i in sorted(pick)]
 
     def _register(self, node_id: int, content: RecordDict) -> None:
         prof = content[P.PROFILE]
         cid = str(prof[P.CLIENT_ID])
         self.node_clients[node_id] = cid
-        self.state, row = core.ensure_client(
-            self.state, cid,
+        declared = core.ClientProfile(
             memory_bytes=float(prof.get(P.EXPERT_MEMORY, math.inf)),
             compute_tier=str(prof.get(P.TIER, "")) or None,
             declared_samples_per_s=prof.get(P.SAMPLES_PER_S),
@@ -371,6 +381,7 @@ class ExpertStrategy(Strategy):
             declared_downlink_Bps=prof.get(P.DOWNLINK),
             declared_reliability=prof.get(P.RELIABILITY),
         )
+        self.state, row = core.ensure_client(self.state, cid, declared)
         if P.NUM_EXAMPLES in prof:
             self.num_examples[cid] = int(prof[P.NUM_EXAMPLES])
         if P.REPORT in content and not self.state.fitness.seen[row]:
@@ -436,11 +447,12 @@ class ExpertStrategy(Strategy):
         f = self.fitness
         sig = core.fitness_signal(hist, gate, loss, w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss, alpha=f.alpha)
         observed = np.isfinite(sig)
-        self.state.fitness = core.update_fitness(self.state.fitness, row, np.nan_to_num(sig), trained, observed_mask=observed, beta=f.beta)
+        fitness = core.update_fitness(self.state.fitness, row, np.nan_to_num(sig), trained, observed_mask=observed, beta=f.beta)
+        self.state = replace(self.state, fitness=fitness)
 
     def _learn(self, rnd: int, updates: list, reports: list, observations: dict) -> None:
         """Fold the round into profiles, fitness and load (the core's pure updates)."""
-        self.state.profiles = core.update_profiles(self.state.profiles, observations, ema=self.profile_ema)
+        self.state = replace(self.state, profiles=core.update_profiles(self.state.profiles, observations, ema=self.profile_ema))
         k = len(self.expert_keys)
         tokens = np.zeros(k)
         clients = np.zeros(k)
@@ -456,9 +468,8 @@ class ExpertStrategy(Strategy):
                 if key in u.held:
                     tokens[i] += u.tokens.get(key, 0.0)
                     clients[i] += 1
-        self.state.fitness.t = rnd
-        self.state.load = core.update_load(self.state.load, tokens, clients, rnd, **self.load_update_kwargs())
-        self.state.round = rnd
+        load = core.update_load(self.state.load, tokens, clients, rnd, **self.load_update_kwargs())
+        self.state = core.advance_round(replace(self.state, load=load), rnd)
 
     def load_update_kwargs(self) -> dict:
         """Settings of the load monitor's price update (the aligned strategy sets a step)."""

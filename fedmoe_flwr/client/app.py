@@ -33,9 +33,10 @@ def _device(cfg: Config, layout, pid: int):
     return device_profile(pid, cfg.dataset.num_clients, tiers, cfg.seed, expert_bytes, len(layout.expert_keys))
 
 
-def _profile(dev, pid: int, context: Context) -> dict:
+def _profile(dev, pid: int, context: Context, num_examples: int) -> dict:
     nc = dict(context.node_config)
     return {
+        P.NUM_EXAMPLES: int(num_examples),
         P.CLIENT_ID: str(nc.get("client-id", pid)),
         P.EXPERT_MEMORY: int(dev.expert_memory_bytes),
         P.SAMPLES_PER_S: dev.samples_per_s,
@@ -52,6 +53,9 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
     app = ClientApp()
 
     def node(context: Context):
+        # One thread: small models run faster so, and results do not depend on the thread
+        # count of the process (Ray workers and the in-process grid agree bit for bit).
+        torch.set_num_threads(1)
         cfg = _config(defaults, context)
         cfg, data, model, layout = experiment_for(cfg)
         pid = int(context.node_config["partition-id"])
@@ -62,7 +66,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         cfg, data, model, pid, dev = node(context)
         x, _ = data.client_train(pid)
-        return expert_probe(msg, model, profile=_profile(dev, pid, context), stats_inputs=x)
+        return expert_probe(msg, model, profile=_profile(dev, pid, context, len(x)), stats_inputs=x)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -96,7 +100,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 rng=rng_for(cfg.seed, "time", rnd, pid), jitter=cfg.fleet.jitter,
             )
 
-        return expert_train(msg, model, train_fn, profile=_profile(dev, pid, context), stats_inputs=x, timings=timings)
+        return expert_train(msg, model, train_fn, profile=_profile(dev, pid, context, len(x)), stats_inputs=x, timings=timings)
 
     @app.evaluate()
     def evaluate_personal(msg: Message, context: Context) -> Message:

@@ -28,9 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import Bounds, LinearConstraint, milp
 
+from ._milp import max_count_fitting, solve_stage
 from .load import coverage_bounds
 
 __all__ = [
@@ -80,21 +79,6 @@ def _clean_score(score: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(s), 0.0, np.clip(np.where(finite, s, np.sign(s) * big), -big, big))
 
 
-def _max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:
-    """Per row, the most eligible items whose costs fit ``budget`` (cheapest first)."""
-    c = np.sort(np.where(eligible, costs, np.inf), axis=1)
-    return (np.cumsum(c, axis=1) <= budget[:, None]).sum(axis=1)
-
-
-def _uniform_cap(costs: np.ndarray, E: np.ndarray, budget: np.ndarray):
-    """Rows whose eligible costs are all equal, and how many such items fit the budget."""
-    lo_c = np.where(E, costs, np.inf).min(axis=1)
-    hi_c = np.where(E, costs, -np.inf).max(axis=1)
-    uniform = (lo_c == hi_c) | ~E.any(axis=1)
-    cap = _max_count_fitting(costs, E, budget)
-    return uniform, cap
-
-
 def _repair(x, s, costs, budget):
     """Drop lowest-score experts of rows over ``budget`` (guards solver tolerances)."""
     over = np.flatnonzero((x * costs).sum(axis=1) > budget)
@@ -104,80 +88,6 @@ def _repair(x, s, costs, budget):
                 break
             x[c, k] = False
     return x
-
-
-def _solve(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_milp, time_limit, gap):
-    """One solve of the (possibly relaxed) problem. Returns (x, state, gap, method).
-
-    ``state`` is "optimal", "time_limit", "infeasible" or "error"; ``x`` is None unless a
-    solution was found.
-    """
-    C, K = s.shape
-    cnt_hi = np.minimum(k_hi, E.sum(axis=1))
-    knap = []  # (row mask, costs [C, K], budget [C]) kept as knapsack rows
-    for costs, budget in ((np.broadcast_to(nbytes, (C, K)), memory), (tpe, slack)):
-        if costs is None:
-            continue
-        binding = (np.where(E, costs, 0.0)).sum(axis=1) > budget
-        uniform, cap = _uniform_cap(costs, E, budget)
-        red = binding & uniform
-        cnt_hi = np.where(red, np.minimum(cnt_hi, cap), cnt_hi)
-        if (binding & ~uniform).any():
-            knap.append((binding & ~uniform, costs, budget))
-    if (k_lo > cnt_hi).any():
-        return None, "infeasible", None, "lp"
-    ci, ki = np.nonzero(E)
-    n = ci.size
-    if n == 0:
-        return np.zeros((C, K), bool), "optimal", 0.0, "lp"
-    j = np.arange(n)
-    rows = []
-    need = (k_lo > 0) | (cnt_hi < E.sum(axis=1))
-    if need.any():
-        a = sp.csr_array((np.ones(n), (ci, j)), shape=(C, n))[np.flatnonzero(need)]
-        rows.append(LinearConstraint(a, k_lo[need], cnt_hi[need]))
-    for mask, costs, budget in knap:
-        sel = np.flatnonzero(mask)
-        pick = mask[ci]
-        rmap = np.full(C, -1)
-        rmap[sel] = np.arange(sel.size)
-        a = sp.csr_array((costs[ci[pick], ki[pick]], (rmap[ci[pick]], j[pick])), shape=(sel.size, n))
-        rows.append(LinearConstraint(a, -np.inf, budget[sel]))
-    col_cnt = E.sum(axis=0)
-    lo_k = np.zeros(K) if lo is None else lo.astype(np.float64)
-    hi_k = np.full(K, np.inf) if hi is None else hi.astype(np.float64)
-    need_k = (lo_k > 0) | (hi_k < col_cnt)
-    if need_k.any():
-        a = sp.csr_array((np.ones(n), (ki, j)), shape=(K, n))[np.flatnonzero(need_k)]
-        rows.append(LinearConstraint(a, lo_k[need_k], hi_k[need_k]))
-    is_milp = force_milp or bool(knap)
-    obj = -s[ci, ki]
-    obj = obj / max(1.0, float(np.abs(obj).max()))
-    res = _highs(obj, rows, n, is_milp, time_limit, gap)
-    if res.x is not None and not is_milp and np.abs(res.x - np.round(res.x)).max() > 1e-6:
-        is_milp = True  # numerically non-integral vertex: solve as a MILP
-        res = _highs(obj, rows, n, True, time_limit, gap)
-    method = "milp" if is_milp else "lp"
-    if res.x is None:
-        return None, ("infeasible" if res.status == 2 else "error"), None, method
-    x = np.zeros((C, K), bool)
-    x[ci, ki] = res.x > 0.5
-    mgap = getattr(res, "mip_gap", None) if is_milp else 0.0
-    mgap = None if mgap is None or not np.isfinite(mgap) else float(mgap)
-    return x, ("optimal" if res.status == 0 else "time_limit"), mgap, method
-
-
-def _highs(obj, rows, n, integral, time_limit, gap):
-    opts = {"time_limit": max(float(time_limit), 1e-3), "disp": False}
-    if integral:
-        opts["mip_rel_gap"] = gap
-    return milp(
-        obj,
-        constraints=rows,
-        integrality=np.ones(n) if integral else None,
-        bounds=Bounds(0.0, 1.0),
-        options=opts,
-    )
 
 
 def _greedy(s, E, nbytes, memory, tpe, slack, k_lo, k_hi):
@@ -254,7 +164,7 @@ def assign_experts(
     relaxed: list[str] = []
     if k_fixed is not None:
         kf = np.clip(np.asarray(k_fixed, dtype=np.int64).reshape(C), 0, K)
-        cap = np.minimum(_max_count_fitting(np.broadcast_to(nbytes, (C, K)), E_mem, mem), kf)
+        cap = np.minimum(max_count_fitting(np.broadcast_to(nbytes, (C, K)), E_mem, mem), kf)
         if (cap < kf).any():
             relaxed.append("k_fixed_capped")
         kf = cap
@@ -292,7 +202,7 @@ def assign_experts(
             Ecur = E if dl else E_mem
             k_lo, k_hi = counts(Ecur)
             remaining = time_limit_s - (time.perf_counter() - t0)
-            x, state, gap, used = _solve(
+            x, state, gap, used = solve_stage(
                 s, Ecur, nbytes, mem, tpe if dl else None, slack if dl else None,
                 lo_s, hi_s, k_lo, k_hi,
                 force_milp=(method == "milp"), time_limit=remaining, gap=mip_rel_gap,

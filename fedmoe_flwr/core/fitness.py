@@ -20,12 +20,14 @@ class FitnessState:
         n: ``[C, K]`` int64, rounds the pair trained (the UCB count).
         seen: ``[C]`` bool, the row was initialised from an observation (probe/histogram).
         t: the round counter used by the exploration bonus.
+        q0: prior fitness of cold pairs (new rows start at it).
     """
 
     Q: np.ndarray
     n: np.ndarray
     seen: np.ndarray
     t: int = 0
+    q0: float = 0.0
 
     @property
     def num_clients(self) -> int:
@@ -49,15 +51,16 @@ def init_fitness(num_clients: int, num_experts: int, q0: float | None = None) ->
         n=np.zeros((num_clients, num_experts), dtype=np.int64),
         seen=np.zeros(num_clients, dtype=bool),
         t=0,
+        q0=q0,
     )
 
 
 def grow_fitness(state: FitnessState, num_clients: int, q0: float | None = None) -> FitnessState:
-    """Append cold rows so the state has ``num_clients`` rows (never shrinks)."""
+    """Append cold rows (``Q = q0``, default ``state.q0``) up to ``num_clients`` rows."""
     extra = num_clients - state.num_clients
     if extra <= 0:
         return state
-    cold = init_fitness(extra, state.num_experts, q0)
+    cold = init_fitness(extra, state.num_experts, state.q0 if q0 is None else q0)
     return replace(
         state,
         Q=np.vstack([state.Q, cold.Q]),

@@ -13,6 +13,8 @@ Dirichlet(alpha); :class:`DomainTransform` is the fixed input transform of each 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,16 +52,20 @@ def _label_dataset(labels: np.ndarray, idx: np.ndarray, natural_ids: np.ndarray 
 
 
 def _read_back(partitioner, ds, num_partitions: int) -> list[np.ndarray]:
+    """Each partition's ``idx`` column, sorted. Silences the partitioners' progress bar
+    (NaturalIdPartitioner) and pyarrow's FutureWarning from sorting (ShardPartitioner)."""
     partitioner.dataset = ds
     out = []
-    for i in range(num_partitions):
-        table = partitioner.load_partition(i).with_format("arrow")[:]  # a pyarrow Table
-        out.append(np.sort(table.column("idx").to_numpy().astype(np.int64)))
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        for i in range(num_partitions):
+            table = partitioner.load_partition(i).with_format("arrow")[:]  # a pyarrow Table
+            out.append(np.sort(table.column("idx").to_numpy().astype(np.int64)))
     return out
 
 
 def default_min_partition_size(num_samples: int, num_partitions: int) -> int:
-    """Smallest Dirichlet partition accepted at first try: ``min(10, avg_size // 4)``, at least 1."""
+    """Dirichlet's first-try minimum partition size: ``min(10, avg_size // 4)``, at least 1."""
     return max(1, min(10, num_samples // max(1, 4 * num_partitions)))
 
 
@@ -125,7 +131,8 @@ def _shards(labels, num_partitions, seed, shards_per_partition):
         i = min(holders, key=lambda h: sizes[h]) if holders else int(np.argmin(sizes))
         extra[i].append(int(j))
         sizes[i] += 1
-    return [np.sort(np.concatenate([p, np.asarray(e, dtype=np.int64)])) for p, e in zip(parts, extra)]
+    return [np.sort(np.concatenate([p, np.asarray(e, dtype=np.int64)]))
+            for p, e in zip(parts, extra)]
 
 
 def partition_indices(
@@ -176,7 +183,7 @@ def partition_indices(
         ids = np.asarray(natural_ids)
         k = len(np.unique(ids))
         if num_partitions is not None and num_partitions != k:
-            raise ValueError(f"natural_ids hold {k} distinct ids, but num_partitions={num_partitions}")
+            raise ValueError(f"natural_ids hold {k} distinct ids, num_partitions={num_partitions}")
         ds = _label_dataset(labels, np.arange(n), ids)
         return _read_back(NaturalIdPartitioner(partition_by="nid"), ds, k)
     if num_partitions is None or not 1 <= num_partitions <= n:
@@ -185,8 +192,8 @@ def partition_indices(
         from flwr_datasets.partitioner import IidPartitioner
 
         perm = np.random.default_rng(seed).permutation(n)  # IidPartitioner cuts contiguous blocks
-        parts = _read_back(IidPartitioner(num_partitions), _label_dataset(labels[perm], perm), num_partitions)
-        return parts
+        ds = _label_dataset(labels[perm], perm)
+        return _read_back(IidPartitioner(num_partitions), ds, num_partitions)
     if scheme == "dirichlet":
         return _dirichlet(labels, num_partitions, seed, alpha, min_partition_size, self_balancing)
     return _shards(labels, num_partitions, seed, shards_per_partition)
@@ -261,7 +268,8 @@ class DomainTransform:
 
     def __post_init__(self) -> None:
         if self.kind not in DOMAIN_KINDS:
-            raise ValueError(f"unknown domain transform {self.kind!r}; allowed: {', '.join(DOMAIN_KINDS)}")
+            allowed = ", ".join(DOMAIN_KINDS)
+            raise ValueError(f"unknown domain transform {self.kind!r}; allowed: {allowed}")
         if self.num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {self.num_domains}")
 
@@ -273,7 +281,8 @@ class DomainTransform:
         """Feature permutation of ``domain`` for ``dim`` features (``"permute"`` only)."""
         if domain % self.num_domains == 0:
             return np.arange(dim)
-        return np.random.default_rng([_PERMUTE_SEED, domain % self.num_domains, dim]).permutation(dim)
+        rng = np.random.default_rng([_PERMUTE_SEED, domain % self.num_domains, dim])
+        return rng.permutation(dim)
 
     def __call__(self, x: np.ndarray, domain: int) -> np.ndarray:
         """Transform a batch ``x`` (first axis = samples) that all belong to ``domain``."""

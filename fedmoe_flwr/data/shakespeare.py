@@ -126,7 +126,8 @@ class ShakespeareData:
 
 
 def windows(codes: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Samples at ``starts``: x int64 ``[n, seq_len]`` = ``codes[s:s+seq_len]``, y int64 = ``codes[s+seq_len]``."""
+    """Samples at ``starts``: x int64 ``[n, seq_len]`` (``codes[s:s+seq_len]``) and
+    y int64 ``[n]`` (``codes[s+seq_len]``)."""
     starts = np.asarray(starts, dtype=np.int64)
     x = codes[starts[:, None] + np.arange(seq_len)].astype(np.int64)
     y = codes[starts + seq_len].astype(np.int64)
@@ -139,8 +140,8 @@ def load_shakespeare(seq_len: int = 80, min_samples: int = 64) -> ShakespeareDat
 
     With the defaults: 1,107 roles out of 1,419, about 4.3 million windows in all.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if seq_len < 1 or min_samples < 1:
+        raise ValueError(f"seq_len and min_samples must be >= 1, got {seq_len}, {min_samples}")
     roles, codes = [], []
     for key, text in _role_texts():
         if len(text) - seq_len >= min_samples:

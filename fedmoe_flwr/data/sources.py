@@ -116,7 +116,8 @@ def load_fashion_mnist(root: str | None = None) -> ArraySplits:
     else:
         env = os.environ.get("FEDMOE_FASHION_MNIST")
         candidates = [Path(env)] if env else []
-        candidates += [Path(d) for d in FASHION_MNIST_DIRS] + [cache, cache / "FashionMNIST" / "raw"]
+        candidates += [Path(d) for d in FASHION_MNIST_DIRS]
+        candidates += [cache, cache / "FashionMNIST" / "raw"]
     found = next((d for d in candidates if _fmnist_dir_ok(d)), None)
     if found is None:
         found = _fmnist_via_torchvision(cache)
@@ -145,7 +146,8 @@ def load_fashion_mnist(root: str | None = None) -> ArraySplits:
 # --------------------------------------------------------------------------- sklearn digits
 @lru_cache(maxsize=1)
 def load_digits() -> ArraySplits:
-    """sklearn's bundled digits: x float32 ``[1797, 64]`` in [0, 1] (8x8 images, row-major), 10 classes.
+    """sklearn's bundled digits: x float32 ``[1797, 64]`` in [0, 1] (8x8 images, row-major),
+    10 classes.
 
     No official test split (``x_test`` is None).
     """
@@ -238,7 +240,8 @@ def synthetic(
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     rng = np.random.default_rng(seed)
-    sizes = np.minimum(rng.lognormal(4, 2, num_devices).astype(np.int64) + 50, max_samples_per_device)
+    sizes = rng.lognormal(4, 2, num_devices).astype(np.int64) + 50
+    sizes = np.minimum(sizes, max_samples_per_device)
     u = rng.normal(0.0, alpha, num_devices)
     big_b = rng.normal(0.0, beta, num_devices)
     sd = np.sqrt(np.arange(1, dim + 1, dtype=np.float64) ** -1.2)

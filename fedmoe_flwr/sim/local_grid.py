@@ -17,7 +17,9 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 CLIENT_APP_RAISED = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
@@ -44,6 +46,11 @@ class LocalGrid(Grid):
             for i, nid in enumerate(ids)
         }
         self._run = Run.create_empty(run_id=1)
+        # Messages take their run and source from the process's task identity, which
+        # Flower's runtimes set for the ServerApp process; this grid plays that runtime.
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = self._run.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
         self._replies: dict[str, Message] = {}
         self.messages_sent = 0
 

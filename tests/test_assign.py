@@ -1,0 +1,256 @@
+"""The assignment solver against brute force, its graceful degradation, and the helpers."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedmoe_flwr.core.assign import (
+    assign_experts,
+    assign_full,
+    assign_random,
+    assign_topk,
+    capacity_in_experts,
+)
+
+TOL = 1e-7
+
+
+def _all_x(C, K):
+    bits = np.array(list(itertools.product([0, 1], repeat=C * K)), dtype=bool)
+    return bits.reshape(-1, C, K)
+
+
+def _max_count(nbytes, mem):
+    """Most experts that fit each client's memory (cheapest first)."""
+    srt = np.sort(nbytes)
+    return np.array([(np.cumsum(srt) <= m).sum() for m in mem])
+
+
+def _brute(inst, lo, hi, deadline_on):
+    """Best objective of the exact problem (None if infeasible), solver semantics."""
+    s, nbytes, mem, tf, tpe, deadline, k_fixed = (inst[k] for k in
+                                                  ("s", "b", "mem", "tf", "tpe", "deadline", "kf"))
+    C, K = s.shape
+    X = _all_x(C, K)
+    ok = ((X * nbytes).sum(-1) <= mem).all(-1)
+    elig = nbytes[None, :] <= mem[:, None]
+    if deadline_on:
+        t = tf[None, :] + (X * tpe).sum(-1)  # a client holding nothing is not bound
+        ok &= ((t <= deadline + 1e-9) | ~X.any(-1)).all(-1)
+        elig &= tf[:, None] + tpe <= deadline
+    cnt = X.sum(-1)
+    if k_fixed is not None:
+        ok &= (cnt == np.minimum(k_fixed, _max_count(nbytes, mem))).all(-1)
+    else:
+        ok &= ((cnt >= 1) | ~elig.any(1)).all(-1)
+    col = X.sum(1)
+    if lo is not None:
+        ok &= (col >= lo).all(-1)
+    if hi is not None:
+        ok &= (col <= hi).all(-1)
+    if not ok.any():
+        return None
+    return float((X[ok] * s).sum((1, 2)).max())
+
+
+@st.composite
+def instances(draw, max_c=4, max_k=4):
+    C = draw(st.integers(1, max_c))
+    K = draw(st.integers(1, max_k))
+    ints = lambda lo, hi, shape: np.array(draw(st.lists(st.integers(lo, hi), min_size=int(np.prod(shape)),  # noqa: E731
+                                                         max_size=int(np.prod(shape))))).reshape(shape)
+    s = ints(-4, 9, (C, K)) / 4.0
+    nbytes = ints(1, 3, (K,)).astype(float)
+    mem = ints(0, 7, (C,)).astype(float)
+    tf = ints(0, 2, (C,)).astype(float)
+    tpe = ints(0, 3, (C, K)).astype(float)
+    deadline = draw(st.one_of(st.none(), st.integers(1, 7))) if draw(st.booleans()) else None
+    lo = draw(st.one_of(st.none(), st.just(ints(0, C, (K,)))))
+    hi = draw(st.one_of(st.none(), st.just(ints(0, C, (K,)))))
+    kf = draw(st.one_of(st.none(), st.just(ints(0, K, (C,)))))
+    return dict(s=s, b=nbytes, mem=mem, tf=tf, tpe=tpe, deadline=deadline, lo=lo, hi=hi, kf=kf)
+
+
+def _solve(inst, **kw):
+    return assign_experts(inst["s"], inst["b"], inst["mem"], time_fixed=inst["tf"],
+                          time_per_expert=inst["tpe"], deadline=inst["deadline"], lo=inst["lo"],
+                          hi=inst["hi"], k_fixed=inst["kf"], mip_rel_gap=1e-9, **kw)
+
+
+def _expected(inst):
+    """Brute-force objective along the solver's relaxation chain; and the stage name."""
+    C, K = inst["s"].shape
+    lo, hi, dl = inst["lo"], inst["hi"], inst["deadline"] is not None
+    if lo is not None and hi is not None:
+        lo = np.minimum(lo, hi)
+    if lo is not None:  # lo clipped to the clients that can hold each expert
+        elig = inst["b"][None, :] <= inst["mem"][:, None]
+        if dl:
+            elig &= inst["tf"][:, None] + inst["tpe"] <= inst["deadline"]
+        lo = np.minimum(lo, elig.sum(0))
+    stages = [(None, lo, hi, dl), ("balance_lo", None, hi, dl), ("balance_hi", None, None, dl),
+              ("deadline", None, None, False)]
+    for name, l_, h_, d_ in stages:
+        best = _brute(inst, l_, h_, d_)
+        if best is not None:
+            return best, name, lo
+    raise AssertionError("the memory-only stage is always feasible")
+
+
+def _check_memory(inst, x):
+    assert ((x * inst["b"]).sum(1) <= inst["mem"]).all()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_equals_brute_force_along_relaxation_chain(inst):
+    res = _solve(inst)
+    x = res.x
+    _check_memory(inst, x)
+    best, stage, lo = _expected(inst)
+    assert res.objective == pytest.approx(float((inst["s"] * x).sum()))
+    assert abs(res.objective - best) <= 1e-6 * (1 + abs(best)), (res, best, stage)
+    if stage is None:
+        assert res.status == "optimal" or "balance_lo_clipped" in res.relaxed
+        held = x.any(1)
+        if inst["deadline"] is not None:
+            t = inst["tf"] + (x * inst["tpe"]).sum(1)
+            assert (t[held] <= inst["deadline"] + 1e-9).all()
+        if lo is not None:
+            assert (x.sum(0) >= lo).all()
+        if inst["hi"] is not None:
+            assert (x.sum(0) <= inst["hi"]).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances(max_c=3, max_k=3))
+def test_greedy_and_milp_methods_respect_memory(inst):
+    for method in ("greedy", "milp"):
+        res = _solve(inst, method=method)
+        _check_memory(inst, res.x)
+    best, _, _ = _expected(inst)
+    assert _solve(inst, method="milp").objective == pytest.approx(best, abs=1e-6)
+
+
+def test_feasible_instance_respects_everything():
+    rng = np.random.default_rng(1)
+    C, K = 40, 8
+    s = rng.random((C, K))
+    nbytes = np.full(K, 10.0)
+    mem = rng.choice([10.0, 20.0, 40.0], size=C)
+    tpe = np.full((C, K), 1.0) * rng.uniform(0.5, 2.0, size=(C, 1))
+    tf = rng.uniform(0, 2, size=C)
+    res = assign_experts(s, nbytes, mem, time_fixed=tf, time_per_expert=tpe, deadline=5.0,
+                         lo=np.full(K, 5), hi=np.full(K, 12))
+    assert res.status == "optimal" and res.method == "lp" and res.mip_gap == 0.0
+    x = res.x
+    assert ((x * nbytes).sum(1) <= mem).all()
+    assert (tf + (x * tpe).sum(1) <= 5.0 + 1e-9).all()
+    assert (x.sum(0) >= 5).all() and (x.sum(0) <= 12).all()
+    assert (x.sum(1) >= 1).all()
+
+
+def test_nonuniform_bytes_lp_and_milp_agree():
+    rng = np.random.default_rng(2)
+    C, K = 30, 6
+    s = rng.random((C, K)) - 0.2
+    nbytes = np.array([4.0, 4, 4, 2, 2, 3])
+    mem = rng.choice([4.0, 7, 9, 13], size=C)
+    kw = dict(lo=np.full(K, 3), hi=np.full(K, 15), mip_rel_gap=1e-9)
+    auto = assign_experts(s, nbytes, mem, **kw)
+    exact = assign_experts(s, nbytes, mem, method="milp", **kw)
+    assert auto.objective == pytest.approx(exact.objective, abs=1e-6)
+    assert ((auto.x * nbytes).sum(1) <= mem).all()
+
+
+def test_infeasible_balance_relaxes_and_never_raises():
+    s = np.ones((2, 3))
+    res = assign_experts(s, np.ones(3), np.full(2, 3.0), lo=np.full(3, 5), hi=np.full(3, 5))
+    assert res.status == "relaxed_balance" and "balance_lo_clipped" in res.relaxed
+    res = assign_experts(s, np.ones(3), np.full(2, 3.0), hi=np.zeros(3, int))
+    assert res.status == "relaxed_balance" and "balance_hi" in res.relaxed
+    assert (res.x.sum(1) >= 1).all()  # min_one survives: hi was dropped
+
+
+def test_client_too_small_gets_nothing():
+    res = assign_experts(np.ones((3, 2)), np.array([5.0, 6.0]), np.array([4.0, 5.0, np.inf]),
+                         lo=np.full(2, 3))
+    assert res.x[0].sum() == 0 and res.x[1].tolist() == [True, False] and res.x[2].all()
+    assert res.status == "relaxed_balance"
+
+
+def test_deadline_relaxed_for_k_fixed():
+    res = assign_experts(np.ones((1, 3)), np.ones(3), np.array([3.0]), time_fixed=np.zeros(1),
+                         time_per_expert=np.ones((1, 3)), deadline=1.5, k_fixed=np.array([2]))
+    assert res.status == "relaxed_deadline" and res.x.sum() == 2
+
+
+def test_k_fixed_respected_and_capped():
+    rng = np.random.default_rng(0)
+    s = rng.random((10, 6))
+    k = np.array([1, 2, 3, 0, 6, 2, 2, 1, 1, 4])
+    res = assign_experts(s, np.ones(6), np.full(10, 6.0), k_fixed=k, lo=np.full(6, 3), hi=np.full(6, 4))
+    assert res.x.sum(1).tolist() == k.tolist() and res.status == "optimal"
+    assert (res.x.sum(0) >= 3).all() and (res.x.sum(0) <= 4).all()
+    res = assign_experts(s[:2], np.ones(6), np.array([2.0, 6.0]), k_fixed=np.array([5, 5]))
+    assert res.x.sum(1).tolist() == [2, 5] and "k_fixed_capped" in res.relaxed
+
+
+def test_nan_and_inf_scores():
+    s = np.array([[np.nan, 1.0, -np.inf], [np.inf, np.nan, 0.5]])
+    res = assign_experts(s, np.ones(3), np.full(2, 1.0))
+    assert res.x.tolist() == [[False, True, False], [True, False, False]]
+    assert np.isfinite(res.objective)
+    # NaN counts as 0: a client whose only choices are NaN/negative still gets one (min_one)
+    res = assign_experts(np.array([[np.nan, -1.0]]), np.ones(2), np.array([2.0]))
+    assert res.x.tolist() == [[True, False]]
+
+
+def test_negative_scores_min_one_only():
+    res = assign_experts(-np.ones((2, 3)), np.ones(3), np.full(2, 3.0))
+    assert res.x.sum(1).tolist() == [1, 1]
+    res = assign_experts(-np.ones((2, 3)), np.ones(3), np.full(2, 3.0), min_one=False)
+    assert res.x.sum() == 0
+
+
+def test_empty_inputs():
+    assert assign_experts(np.zeros((0, 3)), np.ones(3), np.zeros(0)).x.shape == (0, 3)
+    assert assign_experts(np.zeros((2, 0)), np.ones(0), np.ones(2)).status == "empty"
+
+
+def test_time_limit_zero_falls_back_without_raising():
+    rng = np.random.default_rng(3)
+    res = assign_experts(rng.random((20, 5)), np.array([1.0, 2, 3, 1, 2]), np.full(20, 4.0),
+                         lo=np.full(5, 4), time_limit_s=0.0)
+    assert ((res.x * np.array([1.0, 2, 3, 1, 2])).sum(1) <= 4.0).all()
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(-1, 9), min_size=1, max_size=20), st.integers(1, 8), st.integers(0, 99))
+def test_random_and_topk_respect_k(k, K, seed):
+    k = np.array(k)
+    x = assign_random(k, K, np.random.default_rng(seed))
+    assert x.sum(1).tolist() == np.clip(k, 0, K).tolist()
+    assert np.array_equal(x, assign_random(k, K, np.random.default_rng(seed)))
+    s = np.random.default_rng(seed).random((k.size, K))
+    t = assign_topk(s, k)
+    assert t.sum(1).tolist() == np.clip(k, 0, K).tolist()
+    for c in range(k.size):  # every chosen expert scores at least every unchosen one
+        if t[c].any() and (~t[c]).any():
+            assert s[c, t[c]].min() >= s[c, ~t[c]].max()
+
+
+def test_topk_nan_last_and_full():
+    x = assign_topk(np.array([[np.nan, 0.1, 0.3]]), np.array([2]))
+    assert x.tolist() == [[False, True, True]]
+    assert assign_full(2, 3).all() and assign_full(2, 3).shape == (2, 3)
+
+
+def test_capacity_in_experts():
+    k = capacity_in_experts(np.array([0.0, 9.9, 10.0, 35.0, np.inf, 1e9]), np.array([10.0, 5, 10, 10]))
+    assert k.tolist() == [0, 0, 1, 3, 4, 4]
