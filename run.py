@@ -21,10 +21,9 @@ from fedmoe_flwr.config import register_configs, to_config
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> float | None:
     from fedmoe_flwr.progress import RoundProgress
-    from fedmoe_flwr.simulation import quiet_flower, run
+    from fedmoe_flwr.simulation import run
 
     cfg = to_config(dcfg)
-    quiet_flower()
     out_dir = HydraConfig.get().runtime.output_dir
     label = f"{cfg.strategy.name.value} seed={cfg.seed}"
     with RoundProgress(cfg.num_rounds, quiet=cfg.quiet, label=label) as progress:

@@ -132,7 +132,8 @@ class Config:
     eval_every: int = 1
     backend: Backend = Backend.local
     num_cpus_per_client: float = 1.0
-    quiet: bool = False
+    quiet: bool = False  # no progress display
+    verbose: bool = False  # keep Flower's per-round INFO log
     targets: list[float] = field(default_factory=list)
     save_model: bool = True
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

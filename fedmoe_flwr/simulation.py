@@ -22,7 +22,8 @@ from fedmoe_flwr.config import Backend, Config, flatten
 
 def quiet_flower() -> None:
     """Silence Flower's and Ray's per-round INFO logs (our progress display replaces them)."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    for name in ("flwr", "alembic", "alembic.runtime.plugins", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -34,6 +35,8 @@ def run(cfg: Config, out_dir: str | Path, progress=None) -> dict:
     from fedmoe_flwr.server_app import make_server_app, run_server
     from fedmoe_flwr.sim import LocalGrid
 
+    if not cfg.verbose:
+        quiet_flower()  # after the imports above: importing flwr resets its log level
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     flat = flatten(cfg)

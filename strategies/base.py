@@ -445,7 +445,12 @@ class ExpertStrategy(Strategy):
 
     def _observe_fitness(self, row: int, hist, gate, loss, trained: np.ndarray) -> None:
         f = self.fitness
-        sig = core.fitness_signal(hist, gate, loss, w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss, alpha=f.alpha)
+        # Pass only the weighted signals; an expert's missing loss (not trained) then still
+        # lets its histogram entry update the pair (renormalise over what was observed).
+        sig = core.fitness_signal(
+            hist if f.w_hist else None, gate if f.w_gate else None, loss if f.w_loss else None,
+            w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss, alpha=f.alpha, renormalise=True,
+        )
         observed = np.isfinite(sig)
         fitness = core.update_fitness(self.state.fitness, row, np.nan_to_num(sig), trained, observed_mask=observed, beta=f.beta)
         self.state = replace(self.state, fitness=fitness)

@@ -182,3 +182,9 @@ def test_fedyogi_and_state_arrays():
     assert r.step == 1 and r.m["a"].tobytes() == s.m["a"].tobytes()
     with pytest.raises(ValueError):
         server_step(g, d, None, kind="sgd")
+
+
+def test_no_updates_changes_nothing():
+    g = _global()
+    new, delta, stats = aggregate_experts(g, [], LAYOUT)
+    assert all(new[n] is g[n] for n in g) and delta == {} and stats["num_updates"] == 0

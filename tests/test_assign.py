@@ -60,8 +60,11 @@ def _brute(inst, lo, hi, deadline_on):
 def instances(draw, max_c=4, max_k=4):
     C = draw(st.integers(1, max_c))
     K = draw(st.integers(1, max_k))
-    ints = lambda lo, hi, shape: np.array(draw(st.lists(st.integers(lo, hi), min_size=int(np.prod(shape)),  # noqa: E731
-                                                         max_size=int(np.prod(shape))))).reshape(shape)
+
+    def ints(lo, hi, shape):
+        n = int(np.prod(shape))
+        return np.array(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))).reshape(shape)
+
     s = ints(-4, 9, (C, K)) / 4.0
     nbytes = ints(1, 3, (K,)).astype(float)
     mem = ints(0, 7, (C,)).astype(float)
@@ -254,3 +257,38 @@ def test_topk_nan_last_and_full():
 def test_capacity_in_experts():
     k = capacity_in_experts(np.array([0.0, 9.9, 10.0, 35.0, np.inf, 1e9]), np.array([10.0, 5, 10, 10]))
     assert k.tolist() == [0, 0, 1, 3, 4, 4]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 25), st.integers(1, 10), st.integers(0, 10_000), st.booleans(), st.booleans())
+def test_random_instances_memory_always_and_constraints_when_optimal(C, K, seed, dl, bal):
+    rng = np.random.default_rng(seed)
+    nbytes = rng.uniform(0.5, 3.0, K)  # non-integer sizes: knapsack rows, MILP path
+    mem = rng.uniform(0.0, 8.0, C)
+    tf, tpe = rng.uniform(0, 2, C), rng.uniform(0, 2, (C, K))
+    lo, hi = (np.full(K, C // K), np.full(K, C // K + 2)) if bal else (None, None)
+    res = assign_experts(rng.normal(size=(C, K)), nbytes, mem, time_fixed=tf, time_per_expert=tpe,
+                         deadline=3.0 if dl else None, lo=lo, hi=hi)
+    x = res.x
+    assert x.dtype == bool and x.shape == (C, K)
+    assert ((x * nbytes).sum(1) <= mem).all()
+    if res.status == "optimal":
+        held = x.any(1)
+        if dl:
+            assert (tf + (x * tpe).sum(1))[held].max(initial=0) <= 3.0 + 1e-9
+        if bal:
+            assert (x.sum(0) >= lo).all() and (x.sum(0) <= hi).all()
+
+
+def test_time_model_keeps_slow_client_within_deadline():
+    from fedmoe_flwr.core.profiles import ClientProfile, expert_time_costs
+
+    nbytes = np.full(4, 1e6)
+    fast = ClientProfile(declared_downlink_Bps=1e7, declared_uplink_Bps=1e7, declared_samples_per_s=1e3)
+    slow = ClientProfile(declared_downlink_Bps=1e6, declared_uplink_Bps=1e6, declared_samples_per_s=1e3)
+    costs = [expert_time_costs(p, nbytes, shared_bytes=1e6, num_samples=1000) for p in (fast, slow)]
+    tf = np.array([c[0] for c in costs])  # fast 1.2 s, slow 3 s
+    tpe = np.stack([c[1] for c in costs])  # fast 0.2 s, slow 2 s per expert
+    res = assign_experts(np.ones((2, 4)), nbytes, np.full(2, 4e6), time_fixed=tf, time_per_expert=tpe,
+                         deadline=6.0)
+    assert res.x.sum(1).tolist() == [4, 1] and res.status == "optimal"

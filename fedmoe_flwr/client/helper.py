@@ -34,9 +34,15 @@ from fedmoe_flwr.models import moe_layers, set_active_experts
 from fedmoe_flwr.models.slicing import from_array_record, param_layout, state_nbytes, sub_state, to_array_record
 
 
-def assigned_experts(msg: Message) -> list[str]:
-    """The expert keys a TRAIN/EVALUATE message assigns to this node."""
-    return [str(k) for k in msg.content[P.CONFIG].get("experts", [])]
+def assigned_experts(msg: Message, model: torch.nn.Module) -> list[str]:
+    """The expert keys a TRAIN/EVALUATE message assigns to this node.
+
+    A message without an ``experts`` entry (e.g. from Flower's stock FedAvg) assigns all.
+    """
+    conf = msg.content[P.CONFIG] if P.CONFIG in msg.content else {}
+    if "experts" not in conf:
+        return param_layout(model).expert_keys
+    return [str(k) for k in conf["experts"]]
 
 
 def load_assigned(msg: Message, model: torch.nn.Module) -> tuple[list[str], int]:
@@ -45,7 +51,7 @@ def load_assigned(msg: Message, model: torch.nn.Module) -> tuple[list[str], int]
     Returns the assigned keys and the bytes received. Raises ValueError if the message holds
     tensors the model does not have or of the wrong shape.
     """
-    keys = assigned_experts(msg)
+    keys = assigned_experts(msg, model)
     received = from_array_record(msg.content[P.ARRAYS])
     own = model.state_dict()
     for name, t in received.items():

@@ -124,8 +124,9 @@ def _solve_program(obj, rows, force_milp, time_limit, gap):
     First the LP relaxation: its optimum is returned when integral (always so for a
     bipartite degree-bound system). Otherwise a quick incumbent (the MILP restricted to
     the LP's support) is returned if its gap to the LP bound is within ``gap``; else
-    HiGHS solves the full MILP in the remaining time and the better solution wins. ``method="milp"`` (``force_milp``) goes straight
-    to the full MILP. Returns (x, state, relative gap, method).
+    HiGHS solves the full MILP in the remaining time and the better solution wins.
+    ``force_milp`` (``method="milp"``) goes straight to the full MILP.
+    Returns (x, state, relative gap, method).
     """
     t0 = time.perf_counter()
     n = obj.size

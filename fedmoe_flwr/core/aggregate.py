@@ -99,29 +99,32 @@ def _bcast(w, d: np.ndarray) -> np.ndarray:
 class _Mean:
     """Running weighted sum of one tensor's deltas (fedjax-style folding).
 
-    Also keeps an unweighted sum so that coordinates whose contributors all have weight 0
-    (e.g. an expert that got 0 tokens everywhere) fall back to equal weights.
+    Weights are scalars, or ``[rows]`` for routers. An unweighted sum is kept too, so that
+    coordinates whose contributors all have weight 0 (e.g. an expert that got 0 tokens
+    everywhere) fall back to equal weights.
     """
 
     def __init__(self, shape):
         self.acc = np.zeros(shape)
-        self.wsum = np.zeros(shape)
         self.eq_acc = np.zeros(shape)
-        self.eq_cnt = np.zeros(shape)
+        self.wsum = 0.0
+        self.eq_cnt = 0.0
 
     def add(self, w, d: np.ndarray) -> None:
         wb = _bcast(w, d)
         present = _bcast(np.asarray(w) > 0, d) if np.ndim(w) else 1.0  # router: held rows
         self.acc += wb * d
-        self.wsum += wb
         self.eq_acc += present * d
-        self.eq_cnt += present
+        self.wsum = self.wsum + wb
+        self.eq_cnt = self.eq_cnt + present
 
     def result(self) -> np.ndarray:
+        wsum = np.broadcast_to(self.wsum, self.acc.shape)
+        cnt = np.broadcast_to(self.eq_cnt, self.acc.shape)
         with np.errstate(invalid="ignore", divide="ignore"):
-            weighted = self.acc / self.wsum
-            equal = self.eq_acc / self.eq_cnt
-        return np.where(self.wsum > 0, weighted, np.where(self.eq_cnt > 0, equal, 0.0))
+            weighted = self.acc / wsum
+            equal = self.eq_acc / cnt
+        return np.where(wsum > 0, weighted, np.where(cnt > 0, equal, 0.0))
 
 
 def _combine_robust(items, shape, method, trim_ratio):

@@ -11,14 +11,29 @@
 It is solved with HiGHS through :func:`scipy.optimize.milp` on sparse matrices holding
 only the eligible pairs (an expert that alone breaks a client's memory or deadline is not
 a variable). For a client whose eligible experts all have the same bytes and the same
-time, memory and deadline reduce to a cap on how many it holds; when every client
-reduces so, the constraint matrix is a bipartite degree-bound system (totally unimodular)
-and the problem is solved as an LP, whose vertex optimum is integral. Otherwise it is a
-MILP. Both are checked and repaired to satisfy memory exactly.
+time, memory and deadline reduce to a cap on how many it holds (a per-expert time
+proportional to bytes, the transfer-only time model, also folds the deadline into the
+byte budget). When every client reduces so, the constraint matrix is a bipartite
+degree-bound system (totally unimodular) and the LP relaxation, always solved first, has
+an integral vertex optimum: no branching. Otherwise (experts of different sizes) the
+problem is a MILP: a quick incumbent restricted to the LP support is tried, then the full
+MILP within the time limit. Solutions are checked and repaired to satisfy memory exactly
+(and the deadline up to 1e-9 relative), guarding against solver tolerances.
 
-Infeasibility degrades gracefully and never raises: bounds that cannot hold are relaxed
-in order (``lo`` clipped to what eligible clients can give; then ``lo`` dropped; then
-``hi``; then the deadline), and if no solve succeeds a greedy assignment is returned.
+Infeasibility degrades gracefully and never raises. Relaxations, in order, each tried
+only if the previous problem was infeasible:
+
+1. ``lo[k]`` is clipped to the number of clients that can hold expert ``k``
+   (``"balance_lo_clipped"``), and to ``hi[k]``;
+2. ``lo`` is dropped (``"balance_lo"``), then 3. ``hi`` (``"balance_hi"``);
+4. the deadline is dropped for everyone (``"deadline"``). Since ``min_one`` only covers
+   clients that can meet the deadline with one expert, this is reached only when
+   ``k_fixed`` asks for more experts than the deadline allows.
+
+Memory is never relaxed: a client whose memory holds no expert gets none. ``k_fixed`` is
+capped at what fits the client's memory. If HiGHS fails or times out without any
+solution, a greedy assignment (best scores first, memory and deadline respected, balance
+ignored) is returned with status ``"fallback"``.
 """
 
 from __future__ import annotations
@@ -59,7 +74,8 @@ class AssignmentResult:
         mip_gap: relative MILP gap reported by HiGHS; 0.0 for the LP path; ``None`` for
             greedy.
         relaxed: what was relaxed, in order, e.g. ``["balance_lo_clipped", "balance_lo"]``.
-        method: ``"lp"``, ``"milp"`` or ``"greedy"``.
+        method: ``"lp"``, ``"milp"`` or ``"greedy"`` (``"none"`` when built by a caller,
+            e.g. the random/full baselines).
     """
 
     x: np.ndarray
@@ -68,7 +84,7 @@ class AssignmentResult:
     objective: float
     mip_gap: float | None
     relaxed: list[str] = field(default_factory=list)
-    method: str = "lp"
+    method: str = "none"
 
 
 def _clean_score(score: np.ndarray) -> np.ndarray:
@@ -138,8 +154,9 @@ def assign_experts(
         k_fixed: ``[C]`` exact experts per client (flex baseline); capped at what fits the
             client's memory (noted as ``"k_fixed_capped"``); it overrides ``min_one``.
         min_one: each client that can hold an expert gets at least one.
-        method: ``"auto"`` (LP when the problem reduces to counts, else MILP), ``"milp"``
-            (always integer variables) or ``"greedy"`` (no solver; balance ignored).
+        method: ``"auto"`` (LP relaxation first, MILP only if its optimum is
+            fractional), ``"milp"`` (straight to the MILP) or ``"greedy"`` (no solver;
+            balance ignored).
         time_limit_s: HiGHS time limit for the whole call.
         mip_rel_gap: relative MILP gap at which HiGHS stops.
     """
@@ -277,13 +294,15 @@ def assign_full(num_clients: int, num_experts: int) -> np.ndarray:
 
 
 def bench_solver(C: int = 1000, K: int = 64, seed: int = 0, *, uniform_bytes: bool = True,
-                 band: float = 0.0, method: str = "auto") -> AssignmentResult:
+                 band: float = 0.0, method: str = "auto", time_limit_s: float = 10.0) -> AssignmentResult:
     """Solve one synthetic cohort with memory, deadline and balance; returns the result.
 
-    Memory tiers hold 2/4/8/16/all experts; bandwidths are log-uniform 0.2-20 MB/s; the
-    deadline cuts the slowest clients' count; balance is the ``band`` around the mean of
-    the per-client count caps. ``uniform_bytes=False`` makes the second half of the
-    experts half as large, which turns memory and deadline into knapsack rows (MILP).
+    Memory tiers hold 2/4/8/16/all experts; bandwidths are log-uniform 0.2-20 MB/s and the
+    per-expert time is its transfer (so the 120 s deadline caps slow clients at a few
+    experts); balance is ``coverage_bounds`` with ``band`` around the mean of the
+    per-client count caps; scores are Dirichlet(0.3) routing-like shares.
+    ``uniform_bytes=False`` makes half the experts half as large: memory and deadline
+    become knapsack rows and the problem a MILP.
     """
     rng = np.random.default_rng(seed)
     nbytes = np.full(K, 4.0e6)
@@ -301,23 +320,27 @@ def bench_solver(C: int = 1000, K: int = 64, seed: int = 0, *, uniform_bytes: bo
     lo, hi = coverage_bounds(slots, K, band)
     score = rng.dirichlet(np.full(K, 0.3), size=C)
     return assign_experts(score, nbytes, memory, time_fixed=time_fixed, time_per_expert=tpe,
-                          deadline=deadline, lo=lo, hi=hi, method=method)
+                          deadline=deadline, lo=lo, hi=hi, method=method, time_limit_s=time_limit_s)
 
 
 def _main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark the expert-assignment solver.")
-    p.add_argument("--bench", action="store_true", help="run the benchmark (default)")
+    p.add_argument("--bench", action="store_true", help="run the benchmark (the default action)")
     p.add_argument("--C", type=int, default=1000)
     p.add_argument("--K", type=int, default=64)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--nonuniform", action="store_true",
+                   help="also bench experts of two sizes (MILP path; seconds at C=1000)")
+    p.add_argument("--time-limit", type=float, default=10.0)
     a = p.parse_args(argv)
-    for uniform in (True, False):
+    for uniform in (True, False) if a.nonuniform else (True,):
         for band in (0.0, 0.5):
             for seed in range(a.seeds):
-                r = bench_solver(a.C, a.K, seed, uniform_bytes=uniform, band=band)
+                r = bench_solver(a.C, a.K, seed, uniform_bytes=uniform, band=band,
+                                 time_limit_s=a.time_limit)
                 print(f"C={a.C} K={a.K} uniform_bytes={uniform} band={band} seed={seed}: "
                       f"{r.solve_time_s * 1e3:.0f} ms method={r.method} status={r.status} "
-                      f"gap={r.mip_gap} slots={int(r.x.sum())} relaxed={r.relaxed}")
+                      f"gap={r.mip_gap} assigned={int(r.x.sum())} relaxed={r.relaxed}")
 
 
 if __name__ == "__main__":

@@ -124,11 +124,13 @@ def _shards(labels, num_partitions, seed, shards_per_partition):
     used = np.zeros(n, dtype=bool)
     for p in parts:
         used[p] = True
+    classes, codes = np.unique(labels, return_inverse=True)
+    holds = np.stack([np.bincount(codes[p], minlength=len(classes)) > 0 for p in parts])
     extra: list[list[int]] = [[] for _ in parts]
     sizes = np.array([len(p) for p in parts])
     for j in np.flatnonzero(~used):
-        holders = [i for i, p in enumerate(parts) if np.any(labels[p] == labels[j])]
-        i = min(holders, key=lambda h: sizes[h]) if holders else int(np.argmin(sizes))
+        holders = np.flatnonzero(holds[:, codes[j]])
+        i = int(holders[np.argmin(sizes[holders])]) if len(holders) else int(np.argmin(sizes))
         extra[i].append(int(j))
         sizes[i] += 1
     return [np.sort(np.concatenate([p, np.asarray(e, dtype=np.int64)]))

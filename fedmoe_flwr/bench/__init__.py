@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m fedmoe_flwr.bench.overhead` (plugin costs)."""
