@@ -152,6 +152,8 @@ def _solve_program(obj, rows, force_milp, time_limit, gap):
         return res.x, ("optimal" if res.status == 0 else "time_limit"), _gap_of(res, obj @ res.x), "milp"
     if best is None:
         return None, ("infeasible" if res.status == 2 else "error"), None, "milp"
+    if res.status == 0:  # HiGHS proved its solution optimal and the incumbent is no worse
+        return best, "optimal", 0.0, "milp"
     bound = max(bound, float(getattr(res, "mip_dual_bound", bound) or bound))
     return best, "time_limit", _rel_gap(bound, float(obj @ best)), "milp"
 
