@@ -35,9 +35,9 @@ class AlignedStrategy(ExpertStrategy):
         f = self.fitness
         price = self.state.load.price if self.price_step > 0 else None
         score = core.solver_score(self.state.fitness, problem.rows, price, kappa=f.kappa, anneal_rounds=f.anneal_rounds)
-        k = len(self.expert_keys)
-        lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), k, self.band)
-        deadline = self.deadline_s if (self.use_deadline and self.deadline_s is not None) else None
+        score = score[:, problem.cols]
+        lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), len(problem.cols), self.band)
+        deadline = problem.deadline if self.use_deadline else None
         return core.assign_experts(
             score,
             problem.expert_bytes,

@@ -24,6 +24,6 @@ class FlexStrategy(ExpertStrategy):
         self.band = band
 
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
-        score = self.state.fitness.Q[problem.rows]
-        lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), len(self.expert_keys), self.band)
+        score = problem.scores(self.state.fitness.Q)
+        lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), len(problem.cols), self.band)
         return core.assign_experts(score, problem.expert_bytes, problem.memory, lo=lo, hi=hi, k_fixed=problem.k_cap)

@@ -10,5 +10,5 @@ class FullStrategy(ExpertStrategy):
     name = "full"
 
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
-        x = core.assign_full(len(problem.client_ids), len(self.expert_keys))
+        x = core.assign_full(len(problem.client_ids), len(problem.cols))
         return core.AssignmentResult(x=x, status="full", solve_time_s=0.0, objective=0.0, mip_gap=None)

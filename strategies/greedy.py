@@ -13,5 +13,5 @@ class GreedyStrategy(ExpertStrategy):
 
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
         t0 = time.perf_counter()
-        x = core.assign_topk(self.state.fitness.Q[problem.rows], problem.k_cap)
+        x = core.assign_topk(problem.scores(self.state.fitness.Q), problem.k_cap)
         return core.AssignmentResult(x=x, status="greedy", solve_time_s=time.perf_counter() - t0, objective=0.0, mip_gap=None)

@@ -13,5 +13,5 @@ class RandomStrategy(ExpertStrategy):
 
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
         t0 = time.perf_counter()
-        x = core.assign_random(problem.k_cap, len(self.expert_keys), problem.rng)
+        x = core.assign_random(problem.k_cap, len(problem.cols), problem.rng)
         return core.AssignmentResult(x=x, status="random", solve_time_s=time.perf_counter() - t0, objective=0.0, mip_gap=None)

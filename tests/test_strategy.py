@@ -155,3 +155,21 @@ def test_deadline_drops_slow_replies_and_aligned_plans_within_it():
     assert metrics["num_dropped"] >= 1
     assert all("deadline" in why or "dropout" in why for why in strat.last.dropped.values())
     assert metrics["sim_round_time_s"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["aligned", "random", "greedy", "flex"])
+def test_two_moe_layers_every_client_gets_an_expert_in_each_layer(name):
+    cfg = small_config(name)
+    cfg.model.num_moe_layers = 2
+    cfg, data, _, layout = experiment_for(cfg)
+    grid = LocalGrid(make_client_app(flatten(cfg)), cfg.dataset.num_clients, seed=cfg.seed)
+    strat = build_strategy(cfg, layout)
+    arrays = to_array_record(build(cfg, data).state_dict())
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    budget = budgets(grid, strat)
+    for m in msgs:
+        keys = list(m.content[P.CONFIG]["experts"])
+        assert {k.split(".")[0] for k in keys} == {"L0", "L1"}
+        assert sum(layout.expert_nbytes(k) for k in keys) <= budget[m.metadata.dst_node_id]
+    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    assert metrics["num_aggregated"] >= 1
