@@ -41,6 +41,7 @@ def build_strategy(cfg: Config, layout):
         return DenseFedAvg(
             seed=cfg.seed, deadline_s=cfg.fleet.deadline_s, train_config=train_config,
             fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes, min_available_nodes=1,
+            fraction_evaluate=s.fraction_evaluate, min_evaluate_nodes=1, evaluate_every=cfg.eval_every,
         )
     common = dict(
         fraction_train=s.fraction_train,
@@ -58,6 +59,7 @@ def build_strategy(cfg: Config, layout):
         ),
         profile_ema=s.profile_ema,
         train_config=train_config,
+        evaluate_every=cfg.eval_every,
     )
     cls = STRATEGIES[s.name.value]
     if s.name == StrategyName.aligned:
@@ -138,9 +140,17 @@ def make_server_app(defaults: dict | None = None, out_dir: str | None = None, pr
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedmoe_flwr.deploy.grid import DeploymentGrid
+
         run_config = dict(context.run_config)
         target_dir = run_config.pop("output-dir", None) or out_dir
-        run_server(grid, unflatten({**defaults, **run_config}), target_dir, progress)
+        timeout = float(run_config.pop("round-timeout", 0) or 0)
+        cfg = unflatten({**defaults, **run_config})
+        if target_dir or timeout > 0:  # deployment keys (fedmoe_flwr.deploy.app_config.RUN_KEYS)
+            layout = experiment_for(cfg)[3]
+            log = Path(target_dir) / "messages.jsonl" if target_dir else None
+            grid = DeploymentGrid(grid, round_timeout=timeout or None, log_path=log, layout=layout)
+        run_server(grid, cfg, target_dir, progress)
 
     return app
 

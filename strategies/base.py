@@ -130,6 +130,7 @@ class ExpertStrategy(Strategy):
         train_metrics_aggr_fn, evaluate_metrics_aggr_fn: ``(list[RecordDict], weight_key) ->
             MetricRecord``, as in Flower's FedAvg; default: weighted mean by ``num-examples``.
         query_timeout: seconds to wait for QUERY replies.
+        evaluate_every: federated evaluation runs on rounds divisible by this.
     """
 
     name = "expert"
@@ -154,6 +155,7 @@ class ExpertStrategy(Strategy):
         train_metrics_aggr_fn: Callable | None = None,
         evaluate_metrics_aggr_fn: Callable | None = None,
         query_timeout: float = 600.0,
+        evaluate_every: int = 1,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -176,6 +178,7 @@ class ExpertStrategy(Strategy):
         self.train_metrics_aggr_fn = train_metrics_aggr_fn
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
         self.query_timeout = query_timeout
+        self.evaluate_every = max(1, int(evaluate_every))
         self.state = core.init_state(self.expert_keys)
         self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id
         self.num_examples: dict[str, int] = {}
@@ -305,7 +308,7 @@ class ExpertStrategy(Strategy):
         return new_arrays, MetricRecord({k: float(v) for k, v in m.items()})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate <= 0:
+        if self.fraction_evaluate <= 0 or server_round % self.evaluate_every:
             return []
         nodes = self._sample(self._known_nodes(grid, arrays, server_round), server_round, self.fraction_evaluate, 1, "evaluate")
         if not nodes:

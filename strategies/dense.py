@@ -27,8 +27,10 @@ class DenseFedAvg(FedAvg):
 
     name = "dense"
 
-    def __init__(self, *, seed: int = 0, deadline_s: float | None = None, train_config: dict | None = None, **kwargs):
+    def __init__(self, *, seed: int = 0, deadline_s: float | None = None, train_config: dict | None = None,
+                 evaluate_every: int = 1, **kwargs):
         kwargs.setdefault("fraction_evaluate", 0.0)
+        self.evaluate_every = max(1, int(evaluate_every))
         kwargs.setdefault("weighted_by_key", P.NUM_EXAMPLES)
         super().__init__(**kwargs)
         self.seed = seed
@@ -77,6 +79,28 @@ class DenseFedAvg(FedAvg):
             "num_rejected": 0.0, "load_cv": 0.0, "solve_time_s": 0.0,
         }
         return arrays, MetricRecord(self.last_metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0 or server_round % self.evaluate_every:
+            return []
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        size = min(len(nodes), max(int(round(len(nodes) * self.fraction_evaluate)), 1))
+        pick = rng_for(self.seed, "evaluate", server_round).choice(len(nodes), size=size, replace=False)
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({"server-round": server_round})})
+        return [Message(record, dst_node_id=nodes[i], message_type=MessageType.EVALUATE) for i in sorted(pick)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = [m.content[P.METRICS] for m in replies if not m.has_error() and P.METRICS in m.content]
+        if not good:
+            return None
+        w = [float(g[P.NUM_EXAMPLES]) for g in good]
+        personal = {
+            "personal_accuracy": sum(float(g["accuracy"]) * x for g, x in zip(good, w)) / sum(w),
+            "personal_loss": sum(float(g["loss"]) * x for g, x in zip(good, w)) / sum(w),
+            "personal_clients": float(len(good)),
+        }
+        self.last_metrics.update(personal)
+        return MetricRecord(personal)
 
     def state_dict(self) -> dict:
         return {"bytes_total": self.bytes_total, "sim_time_total": self.sim_time_total}

@@ -8,6 +8,8 @@ defaults given to :func:`make_client_app`.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -24,7 +26,13 @@ SIMULATED_DROPOUT = "simulated dropout"
 
 
 def _config(defaults: dict, context: Context) -> Config:
-    return unflatten({**defaults, **dict(context.run_config)})
+    return _unflatten_cached(tuple(sorted({**defaults, **dict(context.run_config)}.items())))
+
+
+@lru_cache(maxsize=16)
+def _unflatten_cached(items: tuple) -> Config:
+    # Validating a config through OmegaConf costs ~70 ms; every message would pay it.
+    return unflatten(dict(items))
 
 
 def _device(cfg: Config, layout, pid: int):
