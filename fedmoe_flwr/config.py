@@ -136,6 +136,12 @@ class Config:
     verbose: bool = False  # keep Flower's per-round INFO log
     targets: list[float] = field(default_factory=list)
     save_model: bool = True
+    # checkpoints, resume, report, tracking (fedmoe_flwr/checkpoint.py, report/, tracking.py)
+    checkpoint_every: int = 5  # rounds between checkpoints (and after the last); 0 = none
+    checkpoint_keep: int = 2  # newest complete checkpoints kept
+    resume: bool = False  # continue from the run directory's last good checkpoint
+    report: bool = True  # write report/report.html at the end of run.py
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "csv"])  # + tensorboard, mlflow, "pkg.mod:factory"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)

@@ -21,7 +21,7 @@ from fedmoe_flwr.config import Config, StrategyName, flatten, unflatten
 from fedmoe_flwr.experiment import build, experiment_for
 from fedmoe_flwr.models import set_active_experts
 from fedmoe_flwr.models.slicing import from_array_record, to_array_record
-from fedmoe_flwr.outputs import append_jsonl, summarize, write_json
+from fedmoe_flwr.outputs import summarize, write_json
 
 log = logging.getLogger("fedmoe_flwr")
 
@@ -70,19 +70,41 @@ def build_strategy(cfg: Config, layout):
 
 
 class RunRecorder:
-    """Flower's ``evaluate_fn``: global evaluation plus one ``metrics.jsonl`` row per round."""
+    """Flower's ``evaluate_fn``: global evaluation plus one ``metrics.jsonl`` row per round.
 
-    def __init__(self, cfg: Config, data, strategy, out_dir: Path | None, progress=None):
+    Each row goes to the ``loggers`` (:mod:`fedmoe_flwr.tracking`; default: those the
+    config's ``loggers`` names), a ``details.jsonl`` row is added, and every
+    ``checkpoint_every`` rounds a checkpoint is written (:mod:`fedmoe_flwr.checkpoint`).
+    ``restored`` (a :class:`~fedmoe_flwr.checkpoint.Checkpoint`) continues its rows.
+    """
+
+    def __init__(self, cfg: Config, data, strategy, out_dir: Path | None, progress=None, *,
+                 loggers: list | None = None, restored=None):
+        from fedmoe_flwr.checkpoint import Checkpointer
+        from fedmoe_flwr.tracking import DetailsRecorder, make_loggers
+
         self.cfg = cfg
         self.data = data
         self.strategy = strategy
         self.out_dir = out_dir
         self.model = build(cfg, data, dense=cfg.strategy.name == StrategyName.dense)
-        self.rows: list[dict] = []
-        self.t0 = time.perf_counter()
+        self.rows: list[dict] = [dict(r) for r in restored.metrics] if restored is not None else []
+        # wall time continues from the checkpoint's last row on resume
+        self.t0 = time.perf_counter() - (self.rows[-1].get("wall_time_s", 0.0) if self.rows else 0.0)
         self.progress = progress
+        self.arrays = restored.array_record() if restored is not None else None
+        self.loggers = list(loggers or [])
+        self.details = DetailsRecorder(strategy, out_dir, cfg.num_rounds, restored.details if restored is not None else ())
+        self.checkpointer = None
         if out_dir is not None:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if loggers is None:
+                self.loggers = make_loggers(cfg.loggers, out_dir, rows=self.rows, config=flatten(cfg))
+            self.checkpointer = Checkpointer(out_dir, cfg.checkpoint_every, cfg.num_rounds,
+                                             keep=cfg.checkpoint_keep, config=flatten(cfg))
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row: dict = {"round": server_round}
@@ -100,8 +122,12 @@ class RunRecorder:
             result = MetricRecord({"accuracy": acc, "loss": loss})
         row["wall_time_s"] = time.perf_counter() - self.t0
         self.rows.append(row)
-        if self.out_dir is not None:
-            append_jsonl(self.out_dir / "metrics.jsonl", row)
+        self.arrays = arrays
+        for lg in self.loggers:
+            lg.log_round(row)
+        self.details.record(server_round)
+        if self.checkpointer is not None:
+            self.checkpointer.maybe_save(server_round, arrays, self.strategy, self.rows, self.details.rows)
         if self.progress is not None:
             self.progress(row)
         return result
@@ -115,21 +141,37 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
         out.mkdir(parents=True, exist_ok=True)
     initial = build(cfg, data, dense=cfg.strategy.name == StrategyName.dense)
     strategy = build_strategy(cfg, layout)
-    recorder = RunRecorder(cfg, data, strategy, out, progress)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_array_record(initial.state_dict()),
-        num_rounds=cfg.num_rounds,
-        timeout=3600,
-        train_config=ConfigRecord(),
-        evaluate_fn=recorder,
-    )
+    restored = None
+    if cfg.resume and out is not None:
+        from fedmoe_flwr.checkpoint import prepare_resume
+
+        restored = prepare_resume(out, cfg, strategy)  # None: no checkpoint yet, start afresh
+    recorder = RunRecorder(cfg, data, strategy, out, progress, restored=restored)
+    if restored is None:
+        run_strategy, evaluate_fn, initial_arrays, rounds = strategy, recorder, to_array_record(initial.state_dict()), cfg.num_rounds
+    else:  # Flower's start() counts from 1: shift its rounds by the checkpoint's
+        from fedmoe_flwr.checkpoint import ResumedStrategy, offset_evaluate_fn
+
+        run_strategy, evaluate_fn = ResumedStrategy(strategy, restored.round), offset_evaluate_fn(recorder, restored.round)
+        initial_arrays, rounds = restored.array_record(), cfg.num_rounds - restored.round
+    try:
+        if rounds > 0:
+            run_strategy.start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=rounds,
+                timeout=3600,
+                train_config=ConfigRecord(),
+                evaluate_fn=evaluate_fn,
+            )
+    finally:
+        recorder.close()
     summary = summarize(recorder.rows, list(cfg.targets), strategy=cfg.strategy.name.value, seed=cfg.seed)
     summary["wall_time_total"] = time.perf_counter() - recorder.t0
     if out is not None:
         write_json(out / "summary.json", summary)
-        if cfg.save_model:
-            torch.save(from_array_record(result.arrays), out / "model.pt")
+        if cfg.save_model and recorder.arrays is not None:
+            torch.save(from_array_record(recorder.arrays), out / "model.pt")
     return summary
 
 
