@@ -6,7 +6,10 @@
     python run.py backend=ray                       # Flower's Ray simulation engine
 
 Each job writes ``metrics.jsonl``, ``summary.json``, ``model.pt`` and Hydra's ``.hydra/``
-into its run directory (``hydra.run.dir=...`` to choose it).
+into its run directory (``hydra.run.dir=...`` to choose it), plus ``metrics.csv``,
+``details.jsonl``, ``checkpoints/`` and ``report/report.html`` (``report=false`` skips it).
+
+    python run.py hydra.run.dir=RUN_DIR resume=true     # continue RUN_DIR from its last checkpoint
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ def main(dcfg: DictConfig) -> float | None:
     from fedmoe_flwr.simulation import run
 
     cfg = to_config(dcfg)
-    out_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    out_dir = hc.runtime.output_dir
+    if cfg.resume:  # continue the checkpointed run's config (see fedmoe_flwr/checkpoint.py)
+        from fedmoe_flwr.checkpoint import resume_config, save_resolved_config
+
+        cfg = resume_config(out_dir, cfg, list(hc.overrides.task))
+        save_resolved_config(cfg, out_dir, hc.output_subdir)
     label = f"{cfg.strategy.name.value} seed={cfg.seed}"
     with RoundProgress(cfg.num_rounds, quiet=cfg.quiet, label=label) as progress:
         summary = run(cfg, out_dir, progress)
+    if cfg.report:
+        from fedmoe_flwr.report import write_report
+
+        write_report([out_dir])
     acc = summary.get("final_accuracy")
     print(
         f"[{label}] final accuracy {acc:.4f} after {summary['rounds']} rounds, "
