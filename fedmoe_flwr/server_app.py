@@ -63,7 +63,8 @@ def build_strategy(cfg: Config, layout):
     )
     cls = STRATEGIES[s.name.value]
     if s.name == StrategyName.aligned:
-        return cls(layout, band=s.band, price_step=s.price_step, use_deadline=s.use_deadline, **common)
+        return cls(layout, band=s.band, price_step=s.price_step, use_deadline=s.use_deadline,
+                   deadline_slack=s.deadline_slack, pace_margin=s.pace_margin, **common)
     if s.name == StrategyName.flex:
         return cls(layout, band=s.band, **common)
     return cls(layout, **common)

@@ -21,12 +21,20 @@ class AlignedStrategy(ExpertStrategy):
             prices cannot change the solution; > 0 lets the prices steer load over rounds).
         price_step: step of the per-expert dual price (0 = no prices).
         use_deadline: keep each client's predicted round time within ``deadline_s``.
+        deadline_slack: plan with ``deadline_slack * deadline_s`` so speed jitter does not
+            push planned replies past the deadline.
+        pace_margin: close the round at ``pace_margin`` times the slowest predicted reply
+            (never after the deadline) instead of always waiting for the deadline; the
+            measured profiles make the prediction. 0 = always wait for the deadline.
     """
 
     name = "aligned"
 
-    def __init__(self, layout, *, band: float = 0.0, price_step: float = 0.0, use_deadline: bool = True, **kwargs):
+    def __init__(self, layout, *, band: float = 0.0, price_step: float = 0.0, use_deadline: bool = True,
+                 deadline_slack: float = 0.9, pace_margin: float = 1.3, **kwargs):
         super().__init__(layout, **kwargs)
+        self.deadline_slack = deadline_slack
+        self.pace_margin = pace_margin
         self.band = band
         self.price_step = price_step
         self.use_deadline = use_deadline
@@ -37,7 +45,7 @@ class AlignedStrategy(ExpertStrategy):
         score = core.solver_score(self.state.fitness, problem.rows, price, kappa=f.kappa, anneal_rounds=f.anneal_rounds)
         score = score[:, problem.cols]
         lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), len(problem.cols), self.band)
-        deadline = problem.deadline if self.use_deadline else None
+        deadline = problem.deadline * self.deadline_slack if (self.use_deadline and problem.deadline) else None
         return core.assign_experts(
             score,
             problem.expert_bytes,
@@ -48,6 +56,15 @@ class AlignedStrategy(ExpertStrategy):
             lo=lo,
             hi=hi,
         )
+
+    def round_close(self, problem: AssignmentProblem, x: np.ndarray) -> float | None:
+        profiles = [self.state.profiles[c] for c in problem.client_ids]
+        known = all(p.samples_per_s is not None or p.declared_samples_per_s is not None for p in profiles)
+        if self.pace_margin <= 0 or not len(x) or not known:  # no basis for a prediction yet
+            return self.deadline_s
+        predicted = problem.time_fixed + (problem.time_per_expert * x).sum(axis=1)
+        close = self.pace_margin * float(predicted.max())
+        return close if self.deadline_s is None else min(close, self.deadline_s)
 
     def load_update_kwargs(self) -> dict:
         return {"price_step": self.price_step}

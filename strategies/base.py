@@ -186,12 +186,20 @@ class ExpertStrategy(Strategy):
         self.bytes_total = 0
         self.last = RoundLog()
         self._sent: dict[int, _Sent] = {}
+        self._close: float | None = deadline_s
         self._global: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ the one hook
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
         """Choose each cohort client's experts. Subclasses override this (and only this)."""
         raise NotImplementedError
+
+    def round_close(self, problem: AssignmentProblem, x: np.ndarray) -> float | None:
+        """When the server stops waiting for this round's replies (s); None = for all.
+
+        Default: the fixed deadline. Profile-aware strategies may close earlier.
+        """
+        return self.deadline_s
 
     def personal_experts(self, problem: AssignmentProblem) -> core.AssignmentResult:
         """The experts a client would get for personalised evaluation (default: :meth:`assign`)."""
@@ -212,6 +220,7 @@ class ExpertStrategy(Strategy):
             return []
         problem = self._problem(server_round, cohort)
         result = self._assign_all_layers(problem, self.assign)
+        self._close = self.round_close(problem, result.x)
         self.last = RoundLog(metrics={"solve_time_s": result.solve_time_s})
         self.last.metrics["assign_relaxed"] = float(len(result.relaxed))
         self._sent = {}
@@ -251,8 +260,8 @@ class ExpertStrategy(Strategy):
                 rejected[cid] = str(ex)
                 observations[cid] = {"completed": False}
                 continue
-            if self.deadline_s is not None and secs > self.deadline_s:
-                dropped[cid] = f"missed the deadline ({secs:.1f} s > {self.deadline_s} s)"
+            if self._close is not None and secs > self._close:
+                dropped[cid] = f"missed the deadline ({secs:.1f} s > {self._close:.1f} s)"
                 observations[cid] = {**obs, "completed": False}
                 late = True
                 continue
@@ -281,8 +290,8 @@ class ExpertStrategy(Strategy):
         self._learn(server_round, updates, reports, observations)
 
         sim_round = max(round_times, default=0.0)
-        if (late or dropped) and self.deadline_s is not None:
-            sim_round = self.deadline_s  # the server waited until the deadline
+        if (late or dropped) and self._close is not None:
+            sim_round = self._close  # the server waited until it closed the round
         self.sim_time_total += sim_round
         bytes_down = sum(s.bytes_down for s in self._sent.values())
         bytes_up = sum(int(c[P.REPORT][P.BYTES_UP]) for c in accepted_contents)

@@ -173,3 +173,22 @@ def test_two_moe_layers_every_client_gets_an_expert_in_each_layer(name):
         assert sum(layout.expert_nbytes(k) for k in keys) <= budget[m.metadata.dst_node_id]
     _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
     assert metrics["num_aggregated"] >= 1
+
+
+def test_aligned_plans_within_the_deadline_and_closes_at_the_predicted_pace():
+    cfg = small_config("aligned")
+    cfg.fleet.deadline_s = 3.0
+    cfg.fleet.jitter = 0.0
+    cfg, data, _, layout = experiment_for(cfg)
+    grid = LocalGrid(make_client_app(flatten(cfg)), 10, seed=0)
+    strat = build_strategy(cfg, layout)
+    arrays = to_array_record(build(cfg, data).state_dict())
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    problem = strat._problem(1, [m.metadata.dst_node_id for m in msgs])
+    x = np.array([[k in m.content[P.CONFIG]["experts"] for k in layout.expert_keys] for m in msgs])
+    predicted = problem.time_fixed + (problem.time_per_expert * x).sum(1)
+    fits = problem.time_fixed + problem.time_per_expert.min(1) <= 0.9 * 3.0
+    assert (predicted[fits] <= 0.9 * 3.0 + 1e-9).all()
+    assert strat._close == pytest.approx(min(3.0, 1.3 * predicted.max()))
+    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    assert metrics["sim_round_time_s"] <= 3.0
