@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 
 class RoundProgress:
@@ -16,6 +17,7 @@ class RoundProgress:
         self._bar = None
         self._task = None
         self.acc = None
+        self._first: tuple[float, int] | None = None  # (time, round) of the first row seen
 
     def __enter__(self) -> "RoundProgress":
         if not self.quiet and self.tty:
@@ -40,7 +42,22 @@ class RoundProgress:
             self.acc = row["accuracy"]
         mb = row.get("bytes_total", 0.0) / 1e6
         info = f"acc {self.acc:.4f}  {mb:.1f} MB  sim {row.get('sim_time_total_s', 0.0):.0f} s" if self.acc is not None else ""
+        now, rnd = time.monotonic(), int(row["round"])
+        first = self._first is None
+        if first:  # the first row seen (round 0, or the first round after a resume): the ETA starts here
+            self._first = (now, rnd)
         if self._bar is not None:
-            self._bar.update(self._task, completed=row["round"], info=info)
+            if first:
+                self._bar.reset(self._task, completed=rnd, info=info)
+            else:
+                self._bar.update(self._task, completed=rnd, info=info)
         elif "accuracy" in row:
-            print(f"[{self.label}] round {row['round']:>3}/{self.total}  {info}", flush=True)
+            t0, r0 = self._first
+            eta = (now - t0) / (rnd - r0) * (self.total - rnd) if rnd > r0 else None
+            eta_s = f"  eta {_clock(eta)}" if eta is not None and rnd < self.total else ""
+            print(f"[{self.label}] round {rnd:>3}/{self.total}  {info}{eta_s}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
