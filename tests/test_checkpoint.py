@@ -1,0 +1,284 @@
+"""Checkpoints: atomic files, corrupt-checkpoint fallback, and SIGKILL-then-resume exactness."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoe_flwr.checkpoint import (
+    CheckpointError,
+    ResumedStrategy,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    offset_evaluate_fn,
+    resume_config,
+    save_checkpoint,
+)
+from fedmoe_flwr.config import Config, flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- unit tests
+class FakeStrategy:
+    def __init__(self, d=None):
+        self.d = d or {}
+
+    def state_dict(self):
+        return self.d
+
+    def load_state_dict(self, d):
+        self.d = d
+
+
+def _save(run_dir, rnd, keep=2):
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) + rnd, "b": np.array([rnd], dtype=np.int64)}
+    state = {"count": rnd, "alignment_arrays": {"m/w": np.full((2, 3), 0.1 * rnd).tolist()}}
+    rows = [{"round": r, "accuracy": 0.1 * r} for r in range(rnd + 1)]
+    return save_checkpoint(run_dir, rnd, arrays, FakeStrategy(state), metrics=rows, details=[{"round": rnd}],
+                           config={"seed": 3}, keep=keep)
+
+
+def test_checkpoint_roundtrip_keeps_names_dtypes_order_and_state(tmp_path):
+    path = _save(tmp_path, 2)
+    assert path.name == "round-000002" and not list(path.parent.glob("*.tmp-*"))
+    ck = load_checkpoint(path)
+    assert ck.round == 2 and list(ck.model) == ["w", "b"]
+    assert ck.model["w"].dtype == np.float32 and ck.model["b"].dtype == np.int64
+    np.testing.assert_array_equal(ck.model["w"], np.arange(6, dtype=np.float32).reshape(2, 3) + 2)
+    # the *_arrays table went to strategy.safetensors and comes back as exact float64 arrays
+    m = ck.strategy_state["alignment_arrays"]["m/w"]
+    assert isinstance(m, np.ndarray) and m.dtype == np.float64 and m[0, 0] == 0.1 * 2
+    assert ck.strategy_state["count"] == 2 and ck.metrics[-1] == {"round": 2, "accuracy": 0.2}
+    assert ck.config == {"seed": 3} and ck.details == [{"round": 2}]
+    rec = ck.array_record()
+    assert list(rec.keys()) == ["w", "b"] and rec["b"].numpy().dtype == np.int64
+
+
+def test_rng_states_are_restored(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    path = _save(tmp_path, 1)
+    expected = (torch.rand(3), np.random.rand(3))
+    torch.manual_seed(99)
+    np.random.seed(99)
+    load_checkpoint(path).restore(FakeStrategy())
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+
+
+def test_keeps_the_newest_complete_checkpoints(tmp_path):
+    for r in (1, 2, 3, 4):
+        _save(tmp_path, r, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000003", "round-000004"]
+    # a temporary directory left by a killed writer is never taken for a checkpoint, and is cleaned up
+    (tmp_path / "checkpoints" / "round-000005.tmp-1").mkdir()
+    assert load_latest(tmp_path).round == 4
+    _save(tmp_path, 5)
+    assert not (tmp_path / "checkpoints" / "round-000005.tmp-1").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "garbage_state", "missing_state", "flip_strategy_byte"])
+def test_corrupt_checkpoint_names_the_file_and_falls_back(tmp_path, caplog, damage):
+    good = _save(tmp_path, 2)
+    bad = _save(tmp_path, 4)
+    if damage == "truncate_model":
+        f = bad / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:40])
+    elif damage == "garbage_state":
+        f = bad / "state.json"
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    elif damage == "missing_state":
+        f = bad / "state.json"
+        f.unlink()
+    else:
+        f = bad / "strategy.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=str(f).replace(".", r"\.")):
+        load_checkpoint(bad)
+    good_bytes = {p.name: p.read_bytes() for p in good.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="fedmoe_flwr"):
+        ck = load_latest(tmp_path, quarantine=True)
+    assert ck.round == 2
+    assert str(f) in caplog.text and "falling back" in caplog.text
+    # the good checkpoint is untouched, the bad one kept aside for inspection
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == good_bytes
+    assert not bad.exists() and (tmp_path / "checkpoints" / "corrupt" / bad.name).is_dir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000002"]
+
+
+def test_no_good_checkpoint_raises_listing_them(tmp_path):
+    assert load_latest(tmp_path) is None  # no checkpoint at all: a fresh start
+    p = _save(tmp_path, 1)
+    (p / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_latest(tmp_path)
+
+
+def test_resumed_strategy_shifts_every_hook():
+    calls = []
+
+    class Inner:
+        name = "inner"
+
+        def summary(self):
+            calls.append("summary")
+
+        def configure_train(self, rnd, arrays, config, grid):
+            calls.append(("ct", rnd))
+            return []
+
+        def aggregate_train(self, rnd, replies):
+            calls.append(("at", rnd))
+            return None, None
+
+        def configure_evaluate(self, rnd, arrays, config, grid):
+            calls.append(("ce", rnd))
+            return []
+
+        def aggregate_evaluate(self, rnd, replies):
+            calls.append(("ae", rnd))
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):
+            return []
+
+    from flwr.app import ArrayRecord
+
+    seen = []
+    ResumedStrategy(Inner(), 4).start(Grid(), ArrayRecord(), num_rounds=2,
+                                      evaluate_fn=offset_evaluate_fn(lambda r, a: seen.append(r), 4))
+    assert [c for c in calls if c != "summary"] == [("ct", 5), ("at", 5), ("ce", 5), ("ae", 5),
+                                                      ("ct", 6), ("at", 6), ("ce", 6), ("ae", 6)]
+    assert seen == [5, 6]  # round 0 is not evaluated again
+    assert ResumedStrategy(Inner(), 4).name == "inner"
+
+
+def test_resume_config_keeps_the_saved_run_and_refuses_changes(tmp_path):
+    saved = Config(seed=7, num_rounds=6)
+    saved.strategy.beta = 0.25
+    save_checkpoint(tmp_path, 2, {"w": np.zeros(1)}, FakeStrategy(), metrics=[], config=flatten(saved))
+    composed = Config(resume=True)  # `run.py resume=true`: the defaults, not the original overrides
+    cfg = resume_config(tmp_path, composed, ["resume=true"])
+    assert (cfg.seed, cfg.num_rounds, cfg.strategy.beta, cfg.resume) == (7, 6, 0.25, True)
+    composed.num_rounds, composed.quiet = 9, True  # run-control keys may change
+    cfg = resume_config(tmp_path, composed, ["resume=true", "num_rounds=9", "quiet=true"])
+    assert (cfg.num_rounds, cfg.quiet, cfg.seed) == (9, True, 7)
+    composed.seed = 8
+    with pytest.raises(ValueError, match="seed"):
+        resume_config(tmp_path, composed, ["resume=true", "seed=8"])
+
+
+# ---------------------------------------------------------------------------- SIGKILL and resume
+ROUNDS = 6
+EVERY = 2
+ARGS = ["backend=local", f"num_rounds={ROUNDS}", f"checkpoint_every={EVERY}", "quiet=true", "report=false",
+        "dataset.num_clients=20", "train.local_epochs=1", "seed=3"]
+
+
+def _cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={run_dir}", *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def _rows_without_timings(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    timing = lambda k: "wall" in k or (k.endswith("_time_s") and not k.startswith("sim_"))  # noqa: E731
+    return [{k: v for k, v in r.items() if not timing(k)} for r in rows]
+
+
+def _rounds_done(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "metrics.jsonl").read_text().splitlines()) - 1
+    except FileNotFoundError:
+        return -1
+
+
+@pytest.fixture(scope="module")
+def killed_and_full(tmp_path_factory):
+    """An uninterrupted run and one SIGKILLed mid-run (after a checkpoint, between checkpoints)."""
+    base = tmp_path_factory.mktemp("resume")
+    full, killed = base / "full", base / "killed"
+    p_full = subprocess.Popen(_cmd(full, *ARGS), cwd=base, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p_kill = subprocess.Popen(_cmd(killed, *ARGS), cwd=base, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill once a checkpoint exists and the run is past it (round 2*EVERY+1 recorded: checkpoints
+    # 2 and 4 exist, round 5 is done, round 6 in flight); the metrics file then holds a row that
+    # the resumed run must drop and redo
+    deadline = time.monotonic() + 240
+    while _rounds_done(killed) < 2 * EVERY + 1 and p_kill.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(p_kill.pid, signal.SIGKILL)
+    assert p_kill.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    _, err = p_full.communicate(timeout=300)
+    assert p_full.returncode == 0, err.decode()[-3000:]
+    assert list_checkpoints(killed), "killed before the first checkpoint"
+    assert _rounds_done(killed) < ROUNDS
+    return full, killed
+
+
+def _resume(run_dir: Path) -> subprocess.CompletedProcess:
+    # the resume command names nothing but the directory: the config comes from the checkpoint
+    done = subprocess.run(_cmd(run_dir, "resume=true"), cwd=run_dir.parent, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _assert_same_run(full: Path, resumed: Path) -> None:
+    a, b = _rows_without_timings(full / "metrics.jsonl"), _rows_without_timings(resumed / "metrics.jsonl")
+    assert [r["round"] for r in b] == list(range(ROUNDS + 1))
+    assert a == b
+    assert (full / "details.jsonl").read_text() == (resumed / "details.jsonl").read_text()
+    ma, mb = torch.load(full / "model.pt"), torch.load(resumed / "model.pt")
+    assert list(ma) == list(mb)
+    for k in ma:
+        assert ma[k].dtype == mb[k].dtype and torch.equal(ma[k], mb[k]), f"{k} differs"
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, resumed))
+    for s in (sa, sb):
+        s.pop("wall_time_total"), s.pop("solve_time")  # wall-clock timings
+    assert sa == sb
+    csv_rows = (resumed / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == ROUNDS + 2  # header + rounds 0..ROUNDS, the killed run's extra row dropped
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(killed_and_full, tmp_path):
+    full, killed = killed_and_full
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    last = list_checkpoints(run)[-1]
+    assert _rounds_done(run) > int(last.name.split("-")[1]), "the killed run had gone past its checkpoint"
+    _resume(run)
+    _assert_same_run(full, run)
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_is_still_exact(killed_and_full, tmp_path):
+    full, killed = killed_and_full
+    run = tmp_path / "run"
+    shutil.copytree(killed, run)
+    *older, newest = list_checkpoints(run)
+    assert older, "needs two checkpoints"
+    previous = {p.name: p.read_bytes() for p in older[-1].iterdir()}
+    model = newest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # truncated
+    done = _resume(run)
+    log = done.stdout + done.stderr
+    assert str(model) in log and "falling back" in log
+    kept = run / "checkpoints" / "corrupt" / newest.name / "model.safetensors"
+    assert len(kept.read_bytes()) == 100, "the corrupt checkpoint is kept aside, as it was"
+    _assert_same_run(full, run)
+    # the fallback checkpoint was read, never written (it may be pruned once newer ones exist)
+    if older[-1].exists():
+        assert {p.name: p.read_bytes() for p in older[-1].iterdir()} == previous
