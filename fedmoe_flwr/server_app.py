@@ -186,12 +186,13 @@ def make_server_app(defaults: dict | None = None, out_dir: str | None = None, pr
         from fedmoe_flwr.deploy.grid import DeploymentGrid
 
         run_config = dict(context.run_config)
-        target_dir = run_config.pop("output-dir", None) or out_dir
+        run_dir = run_config.pop("output-dir", None)  # run-level keys: fedmoe_flwr.deploy.app_config.RUN_KEYS
         timeout = float(run_config.pop("round-timeout", 0) or 0)
+        target_dir = run_dir or out_dir
         cfg = unflatten({**defaults, **run_config})
-        if target_dir or timeout > 0:  # deployment keys (fedmoe_flwr.deploy.app_config.RUN_KEYS)
+        if run_dir or timeout > 0:  # `flwr run`: cap round waits, log what each node was sent
             layout = experiment_for(cfg)[3]
-            log = Path(target_dir) / "messages.jsonl" if target_dir else None
+            log = Path(run_dir) / "messages.jsonl" if run_dir else None
             grid = DeploymentGrid(grid, round_timeout=timeout or None, log_path=log, layout=layout)
         run_server(grid, cfg, target_dir, progress)
 

@@ -4,6 +4,16 @@ A node finds its data partition in ``node_config["partition-id"]`` and, in simul
 simulated device (tier, memory, speeds) from the fleet config. Settings come from Flower's
 ``run_config`` (flat dotted keys, see :func:`fedmoe_flwr.config.flatten`), on top of the
 defaults given to :func:`make_client_app`.
+
+A node whose ``node_config`` declares ``client-id`` or ``memory-mb`` (a SuperNode of a real
+deployment, ``flower-supernode --node-config 'client-id="a" partition-id=0 memory-mb=2'``)
+is a real device instead (``simulate-fleet=true|false`` forces either): its profile is
+what it declares (:func:`~fedmoe_flwr.client.helper.node_profile`: budget from
+``memory-mb``, optional ``samples-per-s``, ``uplink-Bps``, ``downlink-Bps``,
+``reliability``), its training time is measured, its transfer times are its bytes over its
+declared link speeds (0 when undeclared: a ClientApp cannot time its own transfers), and
+it never drops out on purpose. Without those keys (Flower's simulation gives only
+``partition-id`` and ``num-partitions``) nothing changes.
 """
 
 from __future__ import annotations
@@ -16,9 +26,10 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe_flwr import protocol as P
-from fedmoe_flwr.client.helper import expert_probe, expert_train, load_assigned
+from fedmoe_flwr.client.helper import expert_probe, expert_train, load_assigned, node_profile
 from fedmoe_flwr.client.local_update import evaluate, train_local
 from fedmoe_flwr.config import Config, flatten, unflatten
+from fedmoe_flwr.deploy.app_config import RUN_KEYS
 from fedmoe_flwr.experiment import experiment_for
 from fedmoe_flwr.fleet import DeviceTier, device_profile, drops_out, rng_for, simulate_times
 
@@ -26,7 +37,30 @@ SIMULATED_DROPOUT = "simulated dropout"
 
 
 def _config(defaults: dict, context: Context) -> Config:
-    return _unflatten_cached(tuple(sorted({**defaults, **dict(context.run_config)}.items())))
+    run_config = {k: v for k, v in dict(context.run_config).items() if k not in RUN_KEYS}
+    return _unflatten_cached(tuple(sorted({**defaults, **run_config}.items())))
+
+
+DEVICE_KEYS = ("client-id", "memory-mb")
+"""node_config keys that mark a real device (see the module doc)."""
+
+
+def simulated_device(context: Context) -> bool:
+    """Whether this node's device comes from the simulated fleet (see the module doc)."""
+    nc = context.node_config
+    if "simulate-fleet" in nc:
+        return bool(nc["simulate-fleet"])
+    return not any(k in nc for k in DEVICE_KEYS)
+
+
+def _link_times(profile: dict):
+    """``timings`` for a real device: measured compute, transfers at declared link speeds."""
+
+    def timings(bytes_down, bytes_up, _n, measured_s):
+        down, up = profile.get(P.DOWNLINK), profile.get(P.UPLINK)
+        return (bytes_down / down if down else 0.0), measured_s, (bytes_up / up if up else 0.0)
+
+    return timings
 
 
 @lru_cache(maxsize=16)
@@ -41,8 +75,10 @@ def _device(cfg: Config, layout, pid: int):
     return device_profile(pid, cfg.dataset.num_clients, tiers, cfg.seed, expert_bytes, len(layout.expert_keys))
 
 
-def _profile(dev, pid: int, context: Context, num_examples: int) -> dict:
+def _profile(dev, pid: int, context: Context, num_examples: int, model=None) -> dict:
     nc = dict(context.node_config)
+    if dev is None:  # a real device: what its node_config declares
+        return {P.NUM_EXAMPLES: int(num_examples), **node_profile(context, model)}
     return {
         P.NUM_EXAMPLES: int(num_examples),
         P.CLIENT_ID: str(nc.get("client-id", pid)),
@@ -67,21 +103,21 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         cfg = _config(defaults, context)
         cfg, data, model, layout = experiment_for(cfg)
         pid = int(context.node_config["partition-id"])
-        dev = _device(cfg, layout, pid)
+        dev = _device(cfg, layout, pid) if simulated_device(context) else None
         return cfg, data, model, pid, dev
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         cfg, data, model, pid, dev = node(context)
         x, _ = data.client_train(pid)
-        return expert_probe(msg, model, profile=_profile(dev, pid, context, len(x)), stats_inputs=x)
+        return expert_probe(msg, model, profile=_profile(dev, pid, context, len(x), model), stats_inputs=x)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, data, model, pid, dev = node(context)
         conf = msg.content[P.CONFIG]
         rnd = int(conf.get("server-round", 0))
-        if drops_out(dev, rng_for(cfg.seed, "dropout", rnd, pid)):
+        if dev is not None and drops_out(dev, rng_for(cfg.seed, "dropout", rnd, pid)):
             return Message(Error(code=0, reason=SIMULATED_DROPOUT), reply_to=msg)
         x, y = data.client_train(pid)
         t = cfg.train
@@ -108,7 +144,11 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 rng=rng_for(cfg.seed, "time", rnd, pid), jitter=cfg.fleet.jitter,
             )
 
-        return expert_train(msg, model, train_fn, profile=_profile(dev, pid, context, len(x)), stats_inputs=x, timings=timings)
+        profile = _profile(dev, pid, context, len(x), model)
+        return expert_train(
+            msg, model, train_fn, profile=profile, stats_inputs=x,
+            timings=timings if dev is not None else _link_times(profile),
+        )
 
     @app.evaluate()
     def evaluate_personal(msg: Message, context: Context) -> Message:
