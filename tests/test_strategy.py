@@ -32,7 +32,7 @@ def small_config(strategy="aligned", **over) -> Config:
     return cfg
 
 
-def setup(strategy="aligned", **over):
+def build_setup(strategy="aligned", **over):
     cfg = small_config(strategy, **over)
     cfg, data, _, layout = experiment_for(cfg)
     grid = LocalGrid(make_client_app(flatten(cfg)), cfg.dataset.num_clients, seed=cfg.seed)
@@ -48,7 +48,7 @@ def budgets(grid, strat):
 
 @pytest.mark.parametrize("name", ["aligned", "flex", "greedy", "random"])
 def test_each_message_holds_exactly_its_experts_within_budget(name):
-    cfg, layout, grid, strat, arrays = setup(name)
+    cfg, layout, grid, strat, arrays = build_setup(name)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     assert len(msgs) == 6
     budget = budgets(grid, strat)
@@ -61,14 +61,14 @@ def test_each_message_holds_exactly_its_experts_within_budget(name):
 
 
 def test_full_sends_every_expert():
-    cfg, layout, grid, strat, arrays = setup("full")
+    cfg, layout, grid, strat, arrays = build_setup("full")
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     for m in msgs:
         assert sorted(m.content[P.CONFIG]["experts"]) == sorted(layout.expert_keys)
 
 
 def test_round_aggregates_per_expert_and_keeps_untrained_experts():
-    cfg, layout, grid, strat, arrays = setup("aligned")
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     trained = {k for m in msgs for k in m.content[P.CONFIG]["experts"]}
     replies = grid.send_and_receive(msgs)
@@ -105,7 +105,7 @@ def _corrupt(reply: Message, how: str) -> Message:
 
 @pytest.mark.parametrize("how", ["nan", "shape", "extra", "missing", "dtype"])
 def test_bad_update_is_rejected_with_reason_and_round_goes_on(how):
-    cfg, layout, grid, strat, arrays = setup("aligned")
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
     bad = _corrupt(replies[0], how)
@@ -119,7 +119,7 @@ def test_bad_update_is_rejected_with_reason_and_round_goes_on(how):
 
 
 def test_every_node_failing_leaves_model_unchanged():
-    cfg, layout, grid, strat, arrays = setup("aligned")
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     errors = [Message(Error(code=1, reason="boom"), reply_to=_with_id(m)) for m in msgs]
     new, metrics = strat.aggregate_train(1, errors)
@@ -132,11 +132,11 @@ def _with_id(m: Message) -> Message:
 
 
 def test_strategy_state_is_json_serialisable_and_round_trips():
-    cfg, layout, grid, strat, arrays = setup("aligned")
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     strat.aggregate_train(1, grid.send_and_receive(msgs))
     d = json.loads(json.dumps(strat.state_dict()))
-    _, _, _, other, _ = setup("aligned")
+    _, _, _, other, _ = build_setup("aligned")
     other.load_state_dict(d)
     assert np.array_equal(other.state.fitness.Q, strat.state.fitness.Q)
     assert np.array_equal(other.state.load.clients_total, strat.state.load.clients_total)

@@ -99,7 +99,9 @@ def summarize_scenario(runs: list[dict]) -> dict:
 
 
 def _fmt(stat: dict, scale: float = 1.0, digits: int = 3, pct: bool = False) -> str:
-    if stat is None or stat["mean"] is None:
+    if stat is None:
+        return "-"
+    if stat["mean"] is None:
         return "not reached"
     n, total = stat["reached"], len(stat["values"])
     mean, std = stat["mean"] * scale, stat["std"] * scale
