@@ -17,7 +17,14 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 
-class StrategyName(str, Enum):
+class _Name(str, Enum):
+    """A string enum that prints as its value (so ``${strategy.name}`` in a path reads well)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class StrategyName(_Name):
     aligned = "aligned"
     flex = "flex"
     greedy = "greedy"
@@ -26,7 +33,7 @@ class StrategyName(str, Enum):
     dense = "dense"
 
 
-class DatasetName(str, Enum):
+class DatasetName(_Name):
     digits = "digits"
     mnist5k = "mnist5k"
     fashion_mnist = "fashion_mnist"
@@ -34,13 +41,13 @@ class DatasetName(str, Enum):
     shakespeare = "shakespeare"
 
 
-class ModelName(str, Enum):
+class ModelName(_Name):
     moe_mlp = "moe_mlp"
     moe_cnn = "moe_cnn"
     moe_lm = "moe_lm"
 
 
-class Backend(str, Enum):
+class Backend(_Name):
     ray = "ray"  # Flower's simulation engine (run_simulation, Ray backend)
     local = "local"  # Strategy.start over fedmoe_flwr.sim.LocalGrid, in this process
 
