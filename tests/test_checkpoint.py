@@ -209,8 +209,10 @@ def _rounds_done(run_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def killed_and_full(tmp_path_factory):
-    """An uninterrupted run and one SIGKILLed mid-run (after a checkpoint, between checkpoints)."""
+def runs(tmp_path_factory):
+    """An uninterrupted run; one SIGKILLed mid-run (after a checkpoint, between checkpoints);
+    and two resumptions of copies of the killed run (the second after truncating its newest
+    checkpoint), run side by side to save time."""
     base = tmp_path_factory.mktemp("resume")
     full, killed = base / "full", base / "killed"
     p_full = subprocess.Popen(_cmd(full, *ARGS), cwd=base, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -223,18 +225,28 @@ def killed_and_full(tmp_path_factory):
         time.sleep(0.01)
     os.kill(p_kill.pid, signal.SIGKILL)
     assert p_kill.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert list_checkpoints(killed), "killed before the first checkpoint"
+    killed_at = _rounds_done(killed)
+    assert int(list_checkpoints(killed)[-1].name.split("-")[1]) < killed_at < ROUNDS
+
+    plain, corrupt = base / "resumed", base / "resumed-corrupt"
+    shutil.copytree(killed, plain)
+    shutil.copytree(killed, corrupt)
+    *older, newest = list_checkpoints(corrupt)
+    assert older, "needs two checkpoints"
+    fallback = {p.name: p.read_bytes() for p in older[-1].iterdir()}
+    model = newest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # truncated
+    # the resume command names nothing but the directory: the config comes from the checkpoint
+    procs = [subprocess.Popen(_cmd(d, "resume=true"), cwd=base, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for d in (plain, corrupt)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
     _, err = p_full.communicate(timeout=300)
     assert p_full.returncode == 0, err.decode()[-3000:]
-    assert list_checkpoints(killed), "killed before the first checkpoint"
-    assert _rounds_done(killed) < ROUNDS
-    return full, killed
-
-
-def _resume(run_dir: Path) -> subprocess.CompletedProcess:
-    # the resume command names nothing but the directory: the config comes from the checkpoint
-    done = subprocess.run(_cmd(run_dir, "resume=true"), cwd=run_dir.parent, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return {"full": full, "plain": plain, "corrupt": corrupt, "corrupt_log": logs[1], "bad_file": model,
+            "fallback": (older[-1], fallback), "newest": newest.name}
 
 
 def _assert_same_run(full: Path, resumed: Path) -> None:
@@ -254,31 +266,16 @@ def _assert_same_run(full: Path, resumed: Path) -> None:
     assert len(csv_rows) == ROUNDS + 2  # header + rounds 0..ROUNDS, the killed run's extra row dropped
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(killed_and_full, tmp_path):
-    full, killed = killed_and_full
-    run = tmp_path / "run"
-    shutil.copytree(killed, run)
-    last = list_checkpoints(run)[-1]
-    assert _rounds_done(run) > int(last.name.split("-")[1]), "the killed run had gone past its checkpoint"
-    _resume(run)
-    _assert_same_run(full, run)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(runs):
+    _assert_same_run(runs["full"], runs["plain"])
 
 
-def test_resume_falls_back_past_a_corrupt_checkpoint_and_is_still_exact(killed_and_full, tmp_path):
-    full, killed = killed_and_full
-    run = tmp_path / "run"
-    shutil.copytree(killed, run)
-    *older, newest = list_checkpoints(run)
-    assert older, "needs two checkpoints"
-    previous = {p.name: p.read_bytes() for p in older[-1].iterdir()}
-    model = newest / "model.safetensors"
-    model.write_bytes(model.read_bytes()[:100])  # truncated
-    done = _resume(run)
-    log = done.stdout + done.stderr
-    assert str(model) in log and "falling back" in log
-    kept = run / "checkpoints" / "corrupt" / newest.name / "model.safetensors"
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_is_still_exact(runs):
+    assert str(runs["bad_file"]) in runs["corrupt_log"] and "falling back" in runs["corrupt_log"]
+    kept = runs["corrupt"] / "checkpoints" / "corrupt" / runs["newest"] / "model.safetensors"
     assert len(kept.read_bytes()) == 100, "the corrupt checkpoint is kept aside, as it was"
-    _assert_same_run(full, run)
+    _assert_same_run(runs["full"], runs["corrupt"])
     # the fallback checkpoint was read, never written (it may be pruned once newer ones exist)
-    if older[-1].exists():
-        assert {p.name: p.read_bytes() for p in older[-1].iterdir()} == previous
+    path, before = runs["fallback"]
+    if path.exists():
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == before
