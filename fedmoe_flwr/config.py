@@ -115,7 +115,7 @@ class StrategyConfig:
     price_step: float = 0.0
     use_deadline: bool = True
     deadline_slack: float = 0.9  # aligned plans within this share of the deadline
-    pace_margin: float = 1.3  # aligned closes rounds at this x the slowest predicted reply; 0 = off
+    pace_margin: float = 1.2  # aligned closes rounds at this x the slowest predicted reply; 0 = off
     # aggregation
     server_opt: str = "avg"  # avg | fedadam | fedyogi
     server_lr: float = 1.0

@@ -31,7 +31,7 @@ class AlignedStrategy(ExpertStrategy):
     name = "aligned"
 
     def __init__(self, layout, *, band: float = 0.0, price_step: float = 0.0, use_deadline: bool = True,
-                 deadline_slack: float = 0.9, pace_margin: float = 1.3, **kwargs):
+                 deadline_slack: float = 0.9, pace_margin: float = 1.2, **kwargs):
         super().__init__(layout, **kwargs)
         self.deadline_slack = deadline_slack
         self.pace_margin = pace_margin
@@ -56,6 +56,21 @@ class AlignedStrategy(ExpertStrategy):
             lo=lo,
             hi=hi,
         )
+
+    def eligible_nodes(self, server_round: int, nodes: list[int]) -> list[int]:
+        """Leave out clients that cannot finish a round with even one expert before the deadline.
+
+        Their replies would arrive too late under any assignment; drawing someone else in
+        their place keeps the cohort's updates useful (expert-aware client selection).
+        Falls back to every node if fewer than ``min_train_nodes`` would remain.
+        """
+        if not (self.use_deadline and self.deadline_s) or not nodes:
+            return nodes
+        problem = self._problem(server_round, nodes)
+        fastest = problem.time_fixed + problem.time_per_expert.min(axis=1)
+        ok = (fastest <= self.deadline_s * self.deadline_slack) & (problem.k_cap > 0)
+        kept = [n for n, keep in zip(nodes, ok) if keep]
+        return kept if len(kept) >= self.min_train_nodes else nodes
 
     def round_close(self, problem: AssignmentProblem, x: np.ndarray) -> float | None:
         profiles = [self.state.profiles[c] for c in problem.client_ids]

@@ -194,6 +194,10 @@ class ExpertStrategy(Strategy):
         """Choose each cohort client's experts. Subclasses override this (and only this)."""
         raise NotImplementedError
 
+    def eligible_nodes(self, server_round: int, nodes: list[int]) -> list[int]:
+        """The nodes the cohort is drawn from (default: every known node)."""
+        return nodes
+
     def round_close(self, problem: AssignmentProblem, x: np.ndarray) -> float | None:
         """When the server stops waiting for this round's replies (s); None = for all.
 
@@ -213,20 +217,22 @@ class ExpertStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = _to_numpy(arrays)
-        nodes = self._known_nodes(grid, arrays, server_round)
+        nodes = self.eligible_nodes(server_round, self._known_nodes(grid, arrays, server_round))
         cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train")
+        self._sent = {}
         if not cohort:
-            self._sent = {}
             return []
         problem = self._problem(server_round, cohort)
         result = self._assign_all_layers(problem, self.assign)
         self._close = self.round_close(problem, result.x)
         self.last = RoundLog(metrics={"solve_time_s": result.solve_time_s})
         self.last.metrics["assign_relaxed"] = float(len(result.relaxed))
-        self._sent = {}
+        self.last.metrics["num_skipped"] = float((~result.x.any(axis=1)).sum())
         messages = []
         for i, node_id in enumerate(cohort):
             keys = [self.expert_keys[k] for k in np.flatnonzero(result.x[i])]
+            if not keys and self.expert_keys:
+                continue  # nothing it can hold (or finish in time): a sub-model without experts cannot route
             record, nbytes = self._payload(arrays, keys)
             conf = ConfigRecord({**self.train_config, **dict(config), "server-round": server_round, "experts": keys})
             self._sent[node_id] = _Sent(problem.client_ids[i], keys, nbytes)
