@@ -66,6 +66,7 @@ class DeploymentGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         ids = list(self.grid.get_node_ids())
         self.node_counts.append(len(ids))
+        self._write({"event": "nodes", "count": len(ids)})
         return ids
 
     def get_nodes(self):
@@ -87,12 +88,11 @@ class DeploymentGrid(Grid):
         if self.round_timeout is not None:
             timeout = self.round_timeout if timeout is None else min(timeout, self.round_timeout)
         messages = list(messages)
-        for m in messages:
-            self._log_sent(m)
+        rounds = [self._log_sent(m) for m in messages]
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for r in replies:
-            self._log_reply(r)
+            self._log_reply(r, max(rounds, default=0))
         if len(replies) < len(messages):
             self._write({"event": "missing", "count": len(messages) - len(replies), "waited_s": time.perf_counter() - t0})
         return replies
@@ -105,7 +105,7 @@ class DeploymentGrid(Grid):
         with self.log_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def _log_sent(self, m: Message) -> None:
+    def _log_sent(self, m: Message) -> int:
         c = m.content
         conf = c[P.CONFIG] if P.CONFIG in c.config_records else {}
         experts = [str(k) for k in conf.get("experts", [])] if "experts" in conf else None
@@ -124,10 +124,11 @@ class DeploymentGrid(Grid):
         if experts is not None and self.layout is not None:
             row["expert_bytes"] = int(sum(self.layout.expert_nbytes(k) for k in experts))
         self._write(row)
+        return row["round"]
 
-    def _log_reply(self, r: Message) -> None:
+    def _log_reply(self, r: Message, rnd: int | None = None) -> None:
         node = int(r.metadata.src_node_id)
-        row: dict = {"event": "reply", "type": str(r.metadata.message_type), "node": node}
+        row: dict = {"event": "reply", "type": str(r.metadata.message_type), "node": node, "round": rnd}
         if r.has_error():
             row["error"] = (r.error.reason or "").splitlines()[0][:200] if r.error.reason else str(r.error.code)
         elif P.PROFILE in r.content.config_records:
@@ -136,6 +137,12 @@ class DeploymentGrid(Grid):
             if P.EXPERT_MEMORY in prof:
                 info["declared_expert_bytes"] = float(prof[P.EXPERT_MEMORY])
             self.clients[node] = info
+        if not r.has_error() and P.REPORT in r.content.metric_records:
+            rep = r.content[P.REPORT]
+            for key, name in ((P.TRAIN_TIME, "train_time_s"), (P.DOWN_TIME, "down_time_s"),
+                              (P.UP_TIME, "up_time_s"), (P.BYTES_UP, "bytes_up")):
+                if key in rep:
+                    row[name] = float(rep[key])
         row.update(self.clients.get(node, {}))
         self._write(row)
 

@@ -125,7 +125,7 @@ class ManagedProcess:
 
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
+        log = self.log_path.open("wb")  # a fresh log: wait_for_log must not see an earlier run
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -165,20 +165,43 @@ class ManagedProcess:
         stop_processes([self], grace)
 
 
-def stop_processes(procs: list["ManagedProcess"], grace: float = 10.0) -> None:
-    """Stop several processes and their descendants at once (see :meth:`ManagedProcess.stop`)."""
-    procs = [p for p in procs if p is not None and p.proc is not None]
+def stop_trees(roots: list[int], grace: float = 10.0, reap=lambda: None) -> None:
+    """SIGTERM ``roots`` and their descendants, SIGKILL what is left after ``grace`` s."""
     for _ in range(2):  # a second pass catches processes spawned while stopping
-        pids = [q for p in procs for q in process_tree(p.proc.pid) if _alive(q)]
+        pids = [q for r in roots for q in process_tree(r) if _alive(q)]
         if not pids:
             break
         _signal(pids, signal.SIGTERM)
         end = time.monotonic() + grace
         while time.monotonic() < end and any(_alive(q) for q in pids):
-            for p in procs:
-                p.proc.poll()  # reap our own children
+            reap()
             time.sleep(0.1)
         _signal([q for q in pids if _alive(q)], signal.SIGKILL)
+
+
+def pids_with_arg(text: str) -> list[int]:
+    """PIDs of live processes with ``text`` in their command line (e.g. a private FLWR_HOME)."""
+    out = []
+    for entry in os.listdir("/proc") if Path("/proc").is_dir() else []:
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd and _alive(int(entry)):
+                out.append(int(entry))
+    return out
+
+
+def stop_processes(procs: list["ManagedProcess"], grace: float = 10.0) -> None:
+    """Stop several processes and their descendants at once (see :meth:`ManagedProcess.stop`)."""
+    procs = [p for p in procs if p is not None and p.proc is not None]
+
+    def reap():
+        for p in procs:
+            p.proc.poll()  # reap our own children
+
+    stop_trees([p.proc.pid for p in procs], grace, reap)
     for p in procs:
         try:
             p.proc.wait(timeout=grace)
@@ -306,8 +329,62 @@ class RunResult:
     output: str = ""
 
 
+class FlwrCli:
+    """The ``flwr`` CLI with a private environment (``env``, ``workdir``, ``connection``)."""
+
+    env: dict
+    workdir: Path
+    connection: str
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> str:
+        """Run ``flwr *args``; returns stdout, raises with the output on failure."""
+        cmd = [str(BIN / "flwr"), *args]
+        done = subprocess.run(cmd, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+        failed = done.returncode != 0
+        if not failed and "json" in args and "{" in done.stdout:  # JSON output reports failures inside
+            failed = json.loads(done.stdout[done.stdout.index("{"):]).get("success") is False
+        if failed:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    def run_status(self, run_id: str) -> str:
+        """The run's status from ``flwr ls`` (``finished:completed`` when it succeeded)."""
+        out = self.flwr("ls", self.connection, "--run-id", run_id, "--format", "json")
+        runs = json.loads(out[out.index("{"):])["runs"]
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def check_alive(self) -> None:
+        """Raise if the SuperLink died (overridden where we own it)."""
+
+    def run(self, app_dir: str | Path, run_config: dict, *, timeout: float = 600.0,
+            done_file: str | Path | None = None, extra: tuple[str, ...] = ()) -> RunResult:
+        """``flwr run app_dir <connection> --run-config <file>`` and wait until the run ends.
+
+        ``done_file`` (e.g. the run's ``summary.json``) is watched to notice the end
+        without polling the CLI; the status is then confirmed with ``flwr ls``.
+        """
+        t0 = time.monotonic()
+        cfg_file = write_run_config(self.workdir / f"run-config-{int(t0 * 1000)}.toml", run_config)
+        out = self.flwr("run", str(Path(app_dir).resolve()), self.connection, "--run-config", str(cfg_file),
+                        *extra, "--format", "json")
+        reply = json.loads(out[out.index("{"):])
+        if not reply.get("success") or "run-id" not in reply:
+            raise RuntimeError(f"flwr run failed: {reply}")
+        run_id = str(reply["run-id"])
+        done = Path(done_file) if done_file is not None else None
+        status, last_check = "running", time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            self.check_alive()
+            if (done is not None and done.exists()) or time.monotonic() - last_check > 20:
+                status, last_check = self.run_status(run_id), time.monotonic()
+                if status.startswith("finished"):
+                    return RunResult(run_id, status, time.monotonic() - t0, out)
+            time.sleep(0.5)
+        raise TimeoutError(f"run {run_id} not finished after {timeout} s (status {status})")
+
+
 @dataclass
-class LoopbackFederation:
+class LoopbackFederation(FlwrCli):
     """A SuperLink and SuperNodes on 127.0.0.1 (see the module doc).
 
     Args:
@@ -356,12 +433,12 @@ class LoopbackFederation:
             argv += ["--enable-supernode-auth"]
         return argv
 
-    def supernode_argv(self, i: int) -> list[str]:
+    def supernode_argv(self, i: int, key: Path | None = None) -> list[str]:
         argv = [BIN / "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", free_port(),
                 "--node-config", node_config_arg(self.nodes[i])]
         argv += ["--root-certificates", self.certs["ca"]] if self.tls else ["--insecure"]
-        if self.auth:
-            argv += ["--auth-supernode-private-key", self.node_keys[i][0]]
+        if self.auth or key is not None:
+            argv += ["--auth-supernode-private-key", key if key is not None else self.node_keys[i][0]]
         return argv
 
     def start(self) -> None:
@@ -374,21 +451,29 @@ class LoopbackFederation:
                                         log_path=self.workdir / "superlink.log", cwd=self.workdir).start()
         self.superlink.wait_for_log("Uvicorn running", self.start_timeout)
         for i in range(len(self.nodes)):
-            self.add_node(i)
+            self.add_node(i, wait=False)
+        for p in self.supernodes:
+            p.wait_for_log("SuperNode ID", self.start_timeout)
 
-    def add_node(self, i: int) -> ManagedProcess:
+    def add_node(self, i: int, *, wait: bool = True) -> ManagedProcess:
         """Start SuperNode ``i`` (registering its key first when ``auth``)."""
         if self.auth:
             while len(self.node_keys) <= i:
                 self.node_keys.append(make_node_key(self.workdir / "keys", f"node{len(self.node_keys)}"))
             self.flwr("supernode", "register", str(self.node_keys[i][1]), self.connection)
-        p = ManagedProcess(f"supernode{i}", self.supernode_argv(i), env=self.env,
-                           log_path=self.workdir / f"supernode{i}.log", cwd=self.workdir).start()
+        p = self.spawn_node(i)
         while len(self.supernodes) <= i:
             self.supernodes.append(None)  # type: ignore[arg-type]
         self.supernodes[i] = p
-        p.wait_for_log("SuperNode ID", self.start_timeout)
+        if wait:
+            p.wait_for_log("SuperNode ID", self.start_timeout)
         return p
+
+    def spawn_node(self, i: int, key: Path | None = None, name: str | None = None) -> ManagedProcess:
+        """Start a SuperNode process for ``nodes[i]`` (``key``: its auth key, registered or not)."""
+        name = name or f"supernode{i}"
+        return ManagedProcess(name, self.supernode_argv(i, key), env=self.env,
+                              log_path=self.workdir / f"{name}.log", cwd=self.workdir).start()
 
     def stop_node(self, i: int) -> None:
         self.supernodes[i].stop()
@@ -403,7 +488,10 @@ class LoopbackFederation:
         roots = [p.pid for p in [self.superlink, *self.supernodes] if p is not None and p.pid is not None]
         return [q for r in roots for q in process_tree(r) if _alive(q)]
 
-    # -- flwr CLI ----------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        if self.superlink is None or not self.superlink.running():
+            raise RuntimeError(f"the SuperLink exited:\n{self.superlink.log() if self.superlink else ''}")
+
     def _write_connection(self) -> None:
         lines = ["[superlink]", f'default = "{self.connection}"', "", f"[superlink.{self.connection}]",
                  f'address = "127.0.0.1:{self.port}"']
@@ -413,41 +501,44 @@ class LoopbackFederation:
             lines.append("insecure = true")
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def flwr(self, *args: str, timeout: float = 120.0) -> str:
-        """Run the ``flwr`` CLI against this federation; returns stdout, raises on failure."""
-        cmd = [str(BIN / "flwr"), *args]
-        done = subprocess.run(cmd, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return done.stdout
 
-    def run_status(self, run_id: str) -> str:
-        out = self.flwr("ls", self.connection, "--run-id", run_id, "--format", "json")
-        runs = json.loads(out[out.index("{"):])["runs"]
-        return str(runs[0]["status"]) if runs else "unknown"
+@dataclass
+class LocalSimulation(FlwrCli):
+    """``flwr run <app> local``: Flower's Simulation Runtime behind a managed local SuperLink.
 
-    def run(self, app_dir: str | Path, run_config: dict, *, timeout: float = 600.0,
-            done_file: str | Path | None = None) -> RunResult:
-        """``flwr run app_dir <connection> --run-config <file>`` and wait until the run ends.
+    ``flwr`` starts that SuperLink itself, detached, on the ports named by
+    ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and ``FLWR_LOCAL_CONTROL_API_PORT``, and leaves it
+    running after the run. Here it gets free ports and a private ``FLWR_HOME``; on exit it
+    is stopped by PID (found by that ``FLWR_HOME`` in its command line).
+    """
 
-        ``done_file`` (e.g. the run's ``summary.json``) is watched to notice the end
-        without polling the CLI; the status is then confirmed with ``flwr ls``.
-        """
-        t0 = time.monotonic()
-        cfg_file = write_run_config(self.workdir / f"run-config-{int(t0 * 1000)}.toml", run_config)
-        out = self.flwr("run", str(Path(app_dir).resolve()), self.connection, "--run-config", str(cfg_file), "--format", "json")
-        reply = json.loads(out[out.index("{"):])
-        if not reply.get("success") or "run-id" not in reply:
-            raise RuntimeError(f"flwr run failed: {reply}")
-        run_id = str(reply["run-id"])
-        done = Path(done_file) if done_file is not None else None
-        status, last_check = "running", time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if not self.superlink.running():
-                raise RuntimeError(f"the SuperLink exited:\n{self.superlink.log()}")
-            if (done is not None and done.exists()) or time.monotonic() - last_check > 20:
-                status, last_check = self.run_status(run_id), time.monotonic()
-                if status.startswith("finished"):
-                    return RunResult(run_id, status, time.monotonic() - t0, out)
-            time.sleep(0.5)
-        raise TimeoutError(f"run {run_id} not finished after {timeout} s (status {status}):\n{self.superlink.log()}")
+    workdir: Path
+    num_supernodes: int
+    connection: str = "local"
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        self.home = self.workdir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.home, {
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        })
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\naddress = ":local:"\n'
+        )
+
+    def __enter__(self) -> "LocalSimulation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def run(self, app_dir, run_config, **kw) -> RunResult:  # type: ignore[override]
+        return super().run(app_dir, run_config, extra=("--federation-config", f"num-supernodes={self.num_supernodes}"), **kw)
+
+    def pids(self) -> list[int]:
+        return [q for r in pids_with_arg(str(self.home)) for q in process_tree(r) if _alive(q)]
+
+    def stop(self) -> None:
+        stop_trees(pids_with_arg(str(self.home)))
