@@ -279,3 +279,39 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_is_still_exact(runs):
     path, before = runs["fallback"]
     if path.exists():
         assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------- in-process resume
+@pytest.mark.parametrize("strategy,server_opt", [("dense", "avg"), ("aligned", "fedadam")])
+def test_in_process_resume_is_exact_for_dense_and_server_optimizer_state(tmp_path, strategy, server_opt):
+    from fedmoe_flwr.config import Backend, StrategyName
+    from fedmoe_flwr.simulation import run
+
+    def cfg(resume=False):
+        c = Config(backend=Backend.local, num_rounds=4, quiet=True, checkpoint_every=2, resume=resume, seed=1)
+        c.strategy.name = StrategyName(strategy)
+        c.strategy.server_opt = server_opt
+        c.strategy.server_lr = 0.05
+        c.dataset.num_clients = 10
+        c.train.local_epochs = 1
+        return c
+
+    full = tmp_path / "full"
+    run(cfg(), full)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "round-000004")  # as if stopped after round 3
+    (part / "summary.json").unlink()
+    ck = load_latest(part)
+    assert ck.round == 2
+    if server_opt == "fedadam":  # the optimizer moments travel in strategy.safetensors
+        assert any(k.startswith("m/") for k in ck.strategy_state["alignment_arrays"])
+    run(cfg(resume=True), part)
+    assert _rows_without_timings(full / "metrics.jsonl") == _rows_without_timings(part / "metrics.jsonl")
+    ma, mb = torch.load(full / "model.pt"), torch.load(part / "model.pt")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    # resuming a finished run redoes nothing and keeps its results
+    before = _rows_without_timings(full / "metrics.jsonl")
+    run(cfg(resume=True), full)
+    assert _rows_without_timings(full / "metrics.jsonl") == before
+    assert all(torch.equal(ma[k], v) for k, v in torch.load(full / "model.pt").items())

@@ -41,7 +41,7 @@ def _fmt(v, digits: int = 4, scale: float = 1.0) -> str:
         return "&ndash;"
     if isinstance(v, (int, float)):
         v = v * scale
-        if float(v).is_integer() and abs(v) >= 1:
+        if float(v).is_integer() and (abs(v) >= 1 or v == 0):
             return f"{int(v):,}"
         return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:,.0f}"
     return html.escape(str(v))
@@ -71,7 +71,8 @@ def _summary_table(runs: list[Run], targets: list[float]) -> str:
             cells += [f"<td>{_fmt(tt.get('rounds'))}</td>", f"<td>{_fmt(tt.get('bytes'), 1, 1e-6)}</td>",
                       f"<td>{_fmt(tt.get('sim_time_s'), 1)}</td>"]
         cells += [f"<td>{_fmt(s.get('bytes_total'), 1, 1e-6)}</td>", f"<td>{_fmt(s.get('sim_time_total'), 1)}</td>",
-                  f"<td>{_fmt(s.get('load_cv'), 3)}</td>", f"<td>{_fmt(s.get('dropped_total'))}</td>",
+                  f"<td>{_fmt(None if r.strategy == 'dense' else s.get('load_cv'), 3)}</td>",
+                  f"<td>{_fmt(s.get('dropped_total'))}</td>",
                   f"<td>{_fmt(s.get('rejected_total'))}</td>"]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")

@@ -63,7 +63,7 @@ def fig_curves(runs: list[Run], x_key: str, x_label: str, x_scale: float = 1.0, 
                     marker="o" if len(x) <= 12 else None, ms=3)
     for t in targets:
         ax_acc.axhline(t, color="0.5", lw=0.8, ls=":")
-        ax_acc.annotate(f"target {t:g}", xy=(1, t), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8, color="0.4")
+        ax_acc.annotate(f"target {t:g}", xy=(0.01, t), xycoords=("axes fraction", "data"), ha="left", va="bottom", fontsize=8, color="0.4")
     ax_acc.set(title=f"Global test accuracy vs {x_label}", xlabel=x_label, ylabel="accuracy")
     ax_loss.set(title=f"Global test loss vs {x_label}", xlabel=x_label, ylabel="loss")
     for ax in (ax_acc, ax_loss):
@@ -98,7 +98,8 @@ def fig_bytes_per_round(runs: list[Run]) -> Figure | None:
 
 
 def fig_load_cv(runs: list[Run]) -> Figure | None:
-    """Coefficient of variation of per-expert load (clients and tokens) per round."""
+    """Coefficient of variation of per-expert load (clients and tokens) per round (MoE runs only)."""
+    runs = [r for r in runs if r.strategy != "dense"]  # the dense baseline has no experts
     if not any(r.get("load_cv") is not None for run in runs for r in run.rows if r["round"] > 0):
         return None
     fig = Figure(figsize=(12, 3.4), layout="constrained")
