@@ -14,6 +14,8 @@ into its run directory (``hydra.run.dir=...`` to choose it), plus ``metrics.csv`
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -37,10 +39,13 @@ def main(dcfg: DictConfig) -> float | None:
     label = f"{cfg.strategy.name.value} seed={cfg.seed}"
     with RoundProgress(cfg.num_rounds, quiet=cfg.quiet, label=label) as progress:
         summary = run(cfg, out_dir, progress)
-    if cfg.report:
+    if cfg.report:  # the run's results are written already: a failing plot must not fail the run
         from fedmoe_flwr.report import write_report
 
-        write_report([out_dir])
+        try:
+            write_report([out_dir])
+        except Exception:  # noqa: BLE001
+            logging.getLogger("fedmoe_flwr").exception("the report could not be written (python -m fedmoe_flwr.report %s)", out_dir)
     acc = summary.get("final_accuracy")
     print(
         f"[{label}] final accuracy {acc:.4f} after {summary['rounds']} rounds, "
