@@ -232,8 +232,10 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    if hasattr(arrays, "items") and not isinstance(arrays, dict):
-        model = OrderedDict((n, a.numpy()) for n, a in arrays.items())  # ArrayRecord
+    from flwr.app import ArrayRecord
+
+    if isinstance(arrays, ArrayRecord):
+        model = OrderedDict((n, a.numpy()) for n, a in arrays.items())
     else:
         model = OrderedDict((n, np.asarray(a)) for n, a in arrays.items())
     strat_json, strat_tensors = _split_strategy_state(strategy.state_dict())
@@ -372,14 +374,25 @@ def _quarantine(path: Path) -> Path:
 
 # ---------------------------------------------------------------------------- config on resume
 def config_differences(saved: dict, current: dict, *, ignore: Iterable[str] = RUN_CONTROL_KEYS) -> list[str]:
-    """Flat keys whose values differ between two flat configs, run-control keys aside."""
+    """Flat keys whose values differ between two flat configs, run-control keys aside.
+
+    A key the checkpoint lacks (the schema gained it later) counts only if ``current``
+    sets it to something other than its default.
+    """
+    from fedmoe_flwr.config import Config, flatten
+
     skip = tuple(ignore)
+    defaults = flatten(Config())
 
     def ignored(k: str) -> bool:
         return any(k == s or k.startswith(s + ".") for s in skip)
 
-    keys = sorted(set(saved) | set(current))
-    return [k for k in keys if not ignored(k) and saved.get(k) != current.get(k)]
+    def differs(k: str) -> bool:
+        if k not in saved and k in defaults:
+            return current.get(k) != defaults[k]
+        return saved.get(k) != current.get(k)
+
+    return [k for k in sorted(set(saved) | set(current)) if not ignored(k) and differs(k)]
 
 
 def resume_config(run_dir: str | os.PathLike, cfg, overrides: Iterable[str] = ()):
