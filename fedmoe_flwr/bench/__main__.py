@@ -36,7 +36,7 @@ def sweep_command(scenario: str, strategies: list[str], seeds: list[int], out: P
         sys.executable, str(ROOT / "run.py"), "-m", f"+benchmark={scenario}",
         f"strategy={','.join(strategies)}", f"seed={','.join(map(str, seeds))}",
         f"hydra.sweep.dir={out / scenario}", "hydra.sweep.subdir=${strategy.name}-seed${seed}",
-        "quiet=true",
+        "quiet=true", "report=false", "checkpoint_every=0",
     ]
     if rounds is not None:
         cmd.append(f"num_rounds={rounds}")
