@@ -4,7 +4,8 @@
 """
 
 from strategies.aligned import AlignedStrategy
-from strategies.base import AssignmentProblem, ExpertStrategy, FitnessSettings
+from strategies.base import ExpertStrategy, FitnessSettings
+from strategies.problem import AssignmentProblem
 from strategies.dense import DenseFedAvg
 from strategies.flex import FlexStrategy
 from strategies.full import FullStrategy

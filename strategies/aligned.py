@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedmoe_flwr import core
-from strategies.base import AssignmentProblem, ExpertStrategy
+from strategies.base import ExpertStrategy
+from strategies.problem import AssignmentProblem
 
 
 class AlignedStrategy(ExpertStrategy):

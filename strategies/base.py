@@ -33,7 +33,8 @@ from flwr.serverapp.strategy import Strategy
 from fedmoe_flwr import core
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.fleet import rng_for
-from fedmoe_flwr.layout import ParamLayout, parse_expert_key
+from fedmoe_flwr.layout import ParamLayout
+from strategies.problem import AssignmentProblem, assign_by_layer
 
 
 @dataclass
@@ -47,42 +48,6 @@ class FitnessSettings:
     beta: float = 0.5
     kappa: float = 0.0
     anneal_rounds: int | None = 50
-
-
-@dataclass
-class AssignmentProblem:
-    """What :meth:`ExpertStrategy.assign` decides over: one row per cohort client."""
-
-    round: int
-    client_ids: list[str]
-    rows: np.ndarray  # rows of the clients in the alignment state
-    memory: np.ndarray  # [C] bytes each client can hold for experts
-    expert_bytes: np.ndarray  # [K]
-    k_cap: np.ndarray  # [C] experts each client can hold
-    time_fixed: np.ndarray  # [C] seconds of a round without experts (shared part)
-    time_per_expert: np.ndarray  # [C, K] seconds each expert adds
-    rng: np.random.Generator
-    cols: np.ndarray  # [K] the experts (columns of Q, price, expert_keys) this problem covers
-    deadline: float | None = None  # the round deadline for this problem (None = none)
-
-    def scores(self, matrix: np.ndarray) -> np.ndarray:
-        """``matrix[rows][:, cols]``: a per-(client, expert) state array cut to this problem."""
-        return matrix[self.rows][:, self.cols]
-
-    def for_layer(self, cols: np.ndarray, num_layers: int) -> "AssignmentProblem":
-        """The sub-problem of one MoE layer's experts with 1/L of the memory and time slack.
-
-        Models with several MoE layers need an expert in every layer; solving each layer on
-        its share of the budget guarantees that and keeps every layer balanced.
-        """
-        memory = self.memory / num_layers
-        slack = None if self.deadline is None else (self.deadline - self.time_fixed) / num_layers
-        time_fixed = self.time_fixed if slack is None else self.deadline - slack
-        return replace(
-            self, memory=memory, expert_bytes=self.expert_bytes[cols],
-            k_cap=core.capacity_in_experts(memory, self.expert_bytes[cols]),
-            time_fixed=time_fixed, time_per_expert=self.time_per_expert[:, cols], cols=self.cols[cols],
-        )
 
 
 @dataclass
@@ -453,23 +418,7 @@ class ExpertStrategy(Strategy):
 
     def _assign_all_layers(self, problem: AssignmentProblem, solve) -> core.AssignmentResult:
         """``solve(problem)``, layer by layer when the model has several MoE layers."""
-        layers = sorted(self.layout.num_experts) if self.layout.num_experts else [0]
-        if len(layers) <= 1:
-            return solve(problem)
-        layer_of = np.array([parse_expert_key(k)[0] for k in self.expert_keys])
-        x = np.zeros((len(problem.client_ids), len(self.expert_keys)), dtype=bool)
-        results = []
-        for layer in layers:
-            cols = np.flatnonzero(layer_of == layer)
-            res = solve(problem.for_layer(cols, len(layers)))
-            x[:, cols] = res.x
-            results.append(res)
-        return core.AssignmentResult(
-            x=x, status=",".join(sorted({r.status for r in results})),
-            solve_time_s=sum(r.solve_time_s for r in results), objective=sum(r.objective for r in results),
-            mip_gap=max((r.mip_gap for r in results if r.mip_gap is not None), default=None),
-            relaxed=sorted({x for r in results for x in r.relaxed}),
-        )
+        return assign_by_layer(problem, solve, self.expert_keys)
 
     def _payload(self, arrays: ArrayRecord, keys: list[str]) -> tuple[ArrayRecord, int]:
         names = self.layout.param_names(keys)

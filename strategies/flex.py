@@ -9,7 +9,8 @@ no exploration, no deadline.
 from __future__ import annotations
 
 from fedmoe_flwr import core
-from strategies.base import AssignmentProblem, ExpertStrategy, FitnessSettings
+from strategies.base import ExpertStrategy, FitnessSettings
+from strategies.problem import AssignmentProblem
 
 
 class FlexStrategy(ExpertStrategy):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fedmoe_flwr import core
-from strategies.base import AssignmentProblem, ExpertStrategy
+from strategies.base import ExpertStrategy
+from strategies.problem import AssignmentProblem
 
 
 class FullStrategy(ExpertStrategy):

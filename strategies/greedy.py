@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from fedmoe_flwr import core
-from strategies.base import AssignmentProblem, ExpertStrategy
+from strategies.base import ExpertStrategy
+from strategies.problem import AssignmentProblem
 
 
 class GreedyStrategy(ExpertStrategy):
