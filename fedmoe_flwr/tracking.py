@@ -7,7 +7,7 @@ Every ``metrics.jsonl`` row (see :mod:`fedmoe_flwr.outputs`) is handed to each l
 - ``jsonl``: ``metrics.jsonl`` (always written: the report, benchmarks and resume read it);
 - ``csv``: ``metrics.csv``, one column per metric (the header grows when a new metric appears);
 - ``tensorboard``: event files under ``tensorboard/`` (needs the ``tracking`` extra);
-- ``mlflow``: an MLflow run (``MLFLOW_TRACKING_URI``, else ``file:<run dir>/mlruns``;
+- ``mlflow``: an MLflow run (``MLFLOW_TRACKING_URI``, else ``sqlite:///<run dir>/mlflow.db``;
   needs the ``tracking`` extra).
 
 Anything else in the list is read as ``"package.module:factory"``; a factory is called as
@@ -159,8 +159,8 @@ class MlflowLogger:
             raise ImportError("the 'mlflow' logger needs the mlflow package: pip install 'fedmoe_flwr[tracking]'") from ex
         self.mlflow = mlflow
         out_dir = Path(out_dir)
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow 3 prefers a database to ./mlruns
+            mlflow.set_tracking_uri(f"sqlite:///{(out_dir / 'mlflow.db').resolve()}")
         mlflow.set_experiment(experiment)
         id_file = out_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if (list(rows) and id_file.exists()) else None
