@@ -93,14 +93,34 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     assert "round" not in acc.Tags()["scalars"]
 
 
-def test_mlflow_logger_needs_the_extra(tmp_path):
+def test_mlflow_logger_without_the_extra_says_what_to_install(tmp_path):
     try:
         import mlflow  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="tracking"):
             make_loggers(["mlflow"], tmp_path)
         return
-    pytest.skip("mlflow is installed; its logger is exercised by users' runs")
+    pytest.skip("mlflow is installed")
+
+
+def test_mlflow_logger_logs_params_and_metrics_and_continues_its_run_on_resume(tmp_path, monkeypatch):
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        pytest.skip("mlflow is not installed (pip install 'fedmoe_flwr[tracking]')")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {"seed": 1, "strategy.name": "aligned"}
+    for rows, new in ((), ROWS[:2]), (ROWS[:1], ROWS[1:2]):  # a run, then its resumption
+        loggers = make_loggers(["mlflow"], tmp_path, rows=rows, config=config)
+        for r in new:
+            for lg in loggers:
+                lg.log_round(r)
+        for lg in loggers:
+            lg.close()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run((tmp_path / "mlflow_run_id").read_text())
+    assert run.data.params == {"seed": "1", "strategy.name": "aligned"} and run.info.run_name == "aligned-seed1"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "accuracy")] == [(0, 0.1), (1, 0.4), (1, 0.4)]
 
 
 def test_round_details_of_an_expert_strategy_and_of_dense():
