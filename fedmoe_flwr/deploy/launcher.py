@@ -353,6 +353,13 @@ class FlwrCli:
         runs = json.loads(out[out.index("{"):])["runs"]
         return str(runs[0]["status"]) if runs else "unknown"
 
+    def run_log(self, run_id: str) -> str:
+        """The run's log (ServerApp output) as ``flwr log --show`` prints it."""
+        try:
+            return self.flwr("log", run_id, self.connection, "--show", timeout=60)
+        except (RuntimeError, subprocess.TimeoutExpired) as ex:
+            return f"(no log: {ex})"
+
     def check_alive(self) -> None:
         """Raise if the SuperLink died (overridden where we own it)."""
 
@@ -378,7 +385,10 @@ class FlwrCli:
             if (done is not None and done.exists()) or time.monotonic() - last_check > 20:
                 status, last_check = self.run_status(run_id), time.monotonic()
                 if status.startswith("finished"):
-                    return RunResult(run_id, status, time.monotonic() - t0, out)
+                    seconds = time.monotonic() - t0
+                    if status != "finished:completed":  # keep the run's log for the error message
+                        out += "\n" + self.run_log(run_id)
+                    return RunResult(run_id, status, seconds, out)
             time.sleep(0.5)
         raise TimeoutError(f"run {run_id} not finished after {timeout} s (status {status})")
 
