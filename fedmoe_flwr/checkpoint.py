@@ -455,6 +455,22 @@ def prepare_resume(run_dir: str | os.PathLike, cfg, strategy) -> Checkpoint | No
     return ck
 
 
+def set_aside_checkpoints(run_dir: str | os.PathLike) -> Path | None:
+    """Move an earlier run's ``checkpoints/`` to ``checkpoints.earlier-<time>/`` before a fresh
+    (not resumed) run in the same directory, so a later resume never mixes the two runs."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    dest = root.with_name(f"{CHECKPOINT_DIR}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name}-{n}")
+        n += 1
+    os.replace(root, dest)
+    log.warning("%s held checkpoints of an earlier run; moved to %s (resume=true continues a run)", root, dest)
+    return dest
+
+
 def save_resolved_config(cfg, run_dir: str | os.PathLike, subdir: str | None = ".hydra") -> None:
     """Rewrite Hydra's ``config.yaml`` with the config a resumed run really uses (Hydra
     wrote the freshly composed one, which lacks the original run's overrides)."""

@@ -147,6 +147,10 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
         from fedmoe_flwr.checkpoint import prepare_resume
 
         restored = prepare_resume(out, cfg, strategy)  # None: no checkpoint yet, start afresh
+    elif out is not None:
+        from fedmoe_flwr.checkpoint import set_aside_checkpoints
+
+        set_aside_checkpoints(out)  # a fresh run in a used directory: keep the old ones apart
     recorder = RunRecorder(cfg, data, strategy, out, progress, restored=restored)
     if restored is None:
         run_strategy, evaluate_fn, initial_arrays, rounds = strategy, recorder, to_array_record(initial.state_dict()), cfg.num_rounds

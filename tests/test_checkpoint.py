@@ -315,3 +315,13 @@ def test_in_process_resume_is_exact_for_dense_and_server_optimizer_state(tmp_pat
     run(cfg(resume=True), full)
     assert _rows_without_timings(full / "metrics.jsonl") == before
     assert all(torch.equal(ma[k], v) for k, v in torch.load(full / "model.pt").items())
+
+
+def test_a_fresh_run_in_a_used_directory_sets_the_old_checkpoints_aside(tmp_path):
+    from fedmoe_flwr.checkpoint import set_aside_checkpoints
+
+    assert set_aside_checkpoints(tmp_path) is None
+    _save(tmp_path, 6)
+    moved = set_aside_checkpoints(tmp_path)
+    assert moved.name.startswith("checkpoints.earlier-") and (moved / "round-000006" / "state.json").is_file()
+    assert load_latest(tmp_path) is None
