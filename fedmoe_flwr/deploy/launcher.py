@@ -400,8 +400,10 @@ class LoopbackFederation(FlwrCli):
     Args:
         workdir: logs, certificates, keys and ``FLWR_HOME`` go here.
         nodes: one ``node_config`` dict per SuperNode.
-        tls: serve the SuperLink over TLS with certificates made for 127.0.0.1.
-        auth: SuperNode authentication: the SuperLink accepts only registered node keys.
+        tls: serve the SuperLink over TLS with certificates made for 127.0.0.1 (or ``certs``:
+            paths ``ca``, ``cert``, ``key`` made elsewhere, e.g. by openssl).
+        auth: SuperNode authentication: the SuperLink accepts only registered node keys
+            (``node_keys``: ``(private, public)`` paths per node, else generated).
     """
 
     workdir: Path
@@ -454,7 +456,7 @@ class LoopbackFederation(FlwrCli):
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        if self.tls:
+        if self.tls and not self.certs:  # given certs (ca, cert, key paths) are used as they are
             self.certs = make_tls_certificates(self.workdir / "certs")
         self._write_connection()
         self.superlink = ManagedProcess("superlink", self.superlink_argv(), env=self.env,
