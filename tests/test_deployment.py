@@ -266,3 +266,25 @@ def test_deployment_grid_caps_timeouts_and_logs_what_each_node_got(tmp_path):
         assert r["expert_bytes"] <= r["declared_expert_bytes"]
         assert r["tensors"] == len(layout.param_names(r["experts"]))
     assert any(r["event"] == "nodes" and r["count"] == 3 for r in log)
+
+
+def test_a_real_device_keeps_its_partition_in_context_state(monkeypatch):
+    """A new ClientApp process per message: the second message must not rebuild the dataset."""
+    import fedmoe_flwr.experiment as experiment
+    from fedmoe_flwr.deploy.node_cache import ARRAYS_KEY, node_experiment
+
+    cfg = deployment_config(rounds=1)
+    full = experiment_for(cfg)[1]
+    ctx = Context(run_id=1, node_id=7, node_config={"client-id": "a", "partition-id": 2}, state=RecordDict(), run_config={})
+    _, data, model, layout = node_experiment(cfg, ctx, 2)
+    assert ARRAYS_KEY in ctx.state.array_records
+    state = RecordDict({k: v for k, v in ctx.state.items()})  # what the SuperNode hands the next process
+    monkeypatch.setattr(experiment, "experiment_for", lambda *_: pytest.fail("rebuilt the dataset"))
+    _, cached, model2, layout2 = node_experiment(cfg, Context(run_id=1, node_id=7, node_config=ctx.node_config,
+                                                               state=state, run_config={}), 2)
+    for got, want in ((cached.client_train(2), full.client_train(2)), (cached.client_holdout(2), full.client_holdout(2))):
+        assert all(np.array_equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want))
+    assert layout2.expert_keys == experiment_for(cfg)[3].expert_keys
+    assert set(model2.state_dict()) == set(experiment_for(cfg)[2].state_dict())
+    with pytest.raises(ValueError, match="partition 2"):
+        cached.client_train(1)

@@ -30,6 +30,7 @@ from fedmoe_flwr.client.helper import expert_probe, expert_train, load_assigned,
 from fedmoe_flwr.client.local_update import evaluate, train_local
 from fedmoe_flwr.config import Config, flatten, unflatten
 from fedmoe_flwr.deploy.app_config import RUN_KEYS
+from fedmoe_flwr.deploy.node_cache import node_experiment
 from fedmoe_flwr.experiment import experiment_for
 from fedmoe_flwr.fleet import DeviceTier, device_profile, drops_out, rng_for, simulate_times
 
@@ -101,10 +102,13 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         # count of the process (Ray workers and the in-process grid agree bit for bit).
         torch.set_num_threads(1)
         cfg = _config(defaults, context)
-        cfg, data, model, layout = experiment_for(cfg)
         pid = int(context.node_config["partition-id"])
-        dev = _device(cfg, layout, pid) if simulated_device(context) else None
-        return cfg, data, model, pid, dev
+        if simulated_device(context):
+            cfg, data, model, layout = experiment_for(cfg)
+            return cfg, data, model, pid, _device(cfg, layout, pid)
+        # A real device: a new process per message, so its partition is kept in context.state.
+        cfg, data, model, layout = node_experiment(cfg, context, pid)
+        return cfg, data, model, pid, None
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
