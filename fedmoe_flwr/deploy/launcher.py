@@ -44,6 +44,7 @@ QUIET_ENV = {
 }
 
 _LIVE: list["ManagedProcess"] = []
+_LOCAL_HOMES: set[str] = set()  # FLWR_HOMEs of LocalSimulations whose SuperLink may still run
 
 
 def flower_env(flwr_home: str | Path, extra: dict | None = None) -> dict[str, str]:
@@ -215,6 +216,8 @@ def stop_processes(procs: list["ManagedProcess"], grace: float = 10.0) -> None:
 def stop_all() -> None:
     """Stop every :class:`ManagedProcess` still running (last resort, at interpreter exit)."""
     stop_processes(list(_LIVE), grace=3.0)
+    for home in list(_LOCAL_HOMES):
+        stop_trees(pids_with_arg(home), grace=3.0)
 
 
 # -------------------------------------------------------------------------- credentials
@@ -547,6 +550,7 @@ class LocalSimulation(FlwrCli):
         self.stop()
 
     def run(self, app_dir, run_config, **kw) -> RunResult:  # type: ignore[override]
+        _LOCAL_HOMES.add(str(self.home))
         return super().run(app_dir, run_config, extra=("--federation-config", f"num-supernodes={self.num_supernodes}"), **kw)
 
     def pids(self) -> list[int]:
@@ -554,3 +558,4 @@ class LocalSimulation(FlwrCli):
 
     def stop(self) -> None:
         stop_trees(pids_with_arg(str(self.home)))
+        _LOCAL_HOMES.discard(str(self.home))
