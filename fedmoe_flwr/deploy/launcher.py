@@ -382,10 +382,12 @@ class FlwrCli:
             raise RuntimeError(f"flwr run failed: {reply}")
         run_id = str(reply["run-id"])
         done = Path(done_file) if done_file is not None else None
+        started = time.time()
         status, last_check = "running", time.monotonic()
         while time.monotonic() - t0 < timeout:
             self.check_alive()
-            if (done is not None and done.exists()) or time.monotonic() - last_check > 20:
+            fresh = done is not None and done.exists() and done.stat().st_mtime >= started - 1
+            if fresh or time.monotonic() - last_check > 20:
                 status, last_check = self.run_status(run_id), time.monotonic()
                 if status.startswith("finished"):
                     seconds = time.monotonic() - t0
