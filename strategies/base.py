@@ -311,14 +311,15 @@ class ExpertStrategy(Strategy):
             return None
         if self.evaluate_metrics_aggr_fn is not None:
             return self.evaluate_metrics_aggr_fn(good, P.NUM_EXAMPLES)
-        w = np.array([float(c[P.METRICS][P.NUM_EXAMPLES]) for c in good])
-        acc = np.array([float(c[P.METRICS]["accuracy"]) for c in good])
-        loss = np.array([float(c[P.METRICS]["loss"]) for c in good])
+        # Weighted mean by num-examples of every scalar the clients report, as FedAvg does,
+        # prefixed "personal_" (accuracy -> personal_accuracy).
+        w = np.array([float(c[P.METRICS].get(P.NUM_EXAMPLES, 1.0)) for c in good])
+        keys = [k for k, v in good[0][P.METRICS].items() if k != P.NUM_EXAMPLES and isinstance(v, (int, float))]
         personal = {
-            "personal_accuracy": float(np.average(acc, weights=w)),
-            "personal_loss": float(np.average(loss, weights=w)),
-            "personal_clients": float(len(good)),
+            f"personal_{k}": float(np.average([float(c[P.METRICS][k]) for c in good], weights=w))
+            for k in keys if all(k in c[P.METRICS] for c in good)
         }
+        personal["personal_clients"] = float(len(good))
         self.last.metrics.update(personal)
         return MetricRecord(personal)
 
@@ -432,7 +433,8 @@ class ExpertStrategy(Strategy):
             raise ValueError("reply lacks 'arrays' or 'report'")
         params = _to_numpy(content[P.ARRAYS])
         names = set(self.layout.param_names(sent.keys))
-        ok, why = core.validate_update(params, expected_names=names, reference=self._global, norm_bound=self.norm_bound)
+        ok, why = core.validate_update(params, expected_names=names, reference=self._global, norm_bound=self.norm_bound,
+                                       layout=self.layout)
         if not ok:
             raise ValueError(why)
         rep = content[P.REPORT]
