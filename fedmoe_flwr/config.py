@@ -130,6 +130,8 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.0
     proximal_mu: float = 0.0  # FedProx term; 0 = plain local SGD
+    max_batches: Optional[int] = None  # cap on local batches per epoch (LEAF-style fixed work); None = all
+    stats_samples: int = 512  # samples a client routes to measure its routing histogram
     balance_weight: float = 0.1
     z_weight: float = 0.001
 

@@ -110,11 +110,18 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         cfg, data, model, layout = node_experiment(cfg, context, pid)
         return cfg, data, model, pid, None
 
+    def work(cfg: Config, x) -> tuple[int, np.ndarray]:
+        """Samples trained per epoch (``max_batches`` caps it) and the histogram's sample."""
+        t = cfg.train
+        n = len(x) if t.max_batches is None else min(len(x), t.max_batches * t.batch_size)
+        return n, x[: t.stats_samples]
+
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         cfg, data, model, pid, dev = node(context)
         x, _ = data.client_train(pid)
-        return expert_probe(msg, model, profile=_profile(dev, pid, context, len(x), model), stats_inputs=x)
+        n, sample = work(cfg, x)
+        return expert_probe(msg, model, profile=_profile(dev, pid, context, n, model), stats_inputs=sample)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -139,6 +146,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 proximal_mu=float(conf.get("proximal-mu", t.proximal_mu)),
                 balance_weight=t.balance_weight,
                 z_weight=t.z_weight,
+                max_batches=t.max_batches,
             )
             return {P.NUM_EXAMPLES: r.num_examples, P.TRAIN_LOSS: r.train_loss, P.EXPERT_LOSS: r.expert_loss}
 
@@ -148,9 +156,10 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 rng=rng_for(cfg.seed, "time", rnd, pid), jitter=cfg.fleet.jitter,
             )
 
-        profile = _profile(dev, pid, context, len(x), model)
+        n, sample = work(cfg, x)
+        profile = _profile(dev, pid, context, n, model)
         return expert_train(
-            msg, model, train_fn, profile=profile, stats_inputs=x,
+            msg, model, train_fn, profile=profile, stats_inputs=sample,
             timings=timings if dev is not None else _link_times(profile),
         )
 

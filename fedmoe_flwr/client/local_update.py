@@ -43,9 +43,11 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     return int((pred == y).sum()), int(y.numel())
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None, max_batches: int | None = None):
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    for i in range(0, n, batch_size):
+    for b, i in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
         yield order[i : i + batch_size]
 
 
@@ -62,6 +64,7 @@ def train_local(
     proximal_mu: float = 0.0,
     balance_weight: float = 0.1,
     z_weight: float = 1e-3,
+    max_batches: int | None = None,
 ) -> LocalResult:
     """Local SGD on ``(x, y)`` with the MoE auxiliary losses and an optional proximal term.
 
@@ -79,7 +82,7 @@ def train_local(
     model.train()
     total, seen = 0.0, 0
     for _ in range(epochs):
-        for idx in _batches(len(xt), batch_size, rng):
+        for idx in _batches(len(xt), batch_size, rng, max_batches):
             xb, yb = xt[idx], yt[idx]
             logits = model(xb)
             per_sample = _per_sample_loss(logits, yb)  # [B]
@@ -102,7 +105,7 @@ def train_local(
     tokens = tok.numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         expert_loss = np.where(tokens > 0, loss_sum.numpy() / np.maximum(tokens, 1), np.nan)
-    return LocalResult(len(xt), total / max(seen, 1), tokens, expert_loss)
+    return LocalResult(seen // max(epochs, 1), total / max(seen, 1), tokens, expert_loss)
 
 
 @contextmanager
