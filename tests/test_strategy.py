@@ -32,8 +32,9 @@ def small_config(strategy="aligned", **over) -> Config:
     return cfg
 
 
-def build_setup(strategy="aligned", **over):
-    cfg = small_config(strategy, **over)
+def build_setup(strategy="aligned", cfg: Config | None = None, **over):
+    """A strategy, its in-process grid and the initial arrays for ``cfg`` (default: small_config)."""
+    cfg = cfg or small_config(strategy, **over)
     cfg, data, _, layout = experiment_for(cfg)
     grid = LocalGrid(make_client_app(flatten(cfg)), cfg.dataset.num_clients, seed=cfg.seed)
     strat = build_strategy(cfg, layout)
@@ -146,10 +147,7 @@ def test_strategy_state_is_json_serialisable_and_round_trips():
 def test_deadline_drops_slow_replies_and_aligned_plans_within_it():
     cfg = small_config("random")
     cfg.fleet.deadline_s = 0.5
-    cfg, data, _, layout = experiment_for(cfg)
-    grid = LocalGrid(make_client_app(flatten(cfg)), 10, seed=0)
-    strat = build_strategy(cfg, layout)
-    arrays = to_array_record(build(cfg, data).state_dict())
+    cfg, layout, grid, strat, arrays = build_setup(cfg=cfg)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
     assert metrics["num_dropped"] >= 1
@@ -161,10 +159,7 @@ def test_deadline_drops_slow_replies_and_aligned_plans_within_it():
 def test_two_moe_layers_every_client_gets_an_expert_in_each_layer(name):
     cfg = small_config(name)
     cfg.model.num_moe_layers = 2
-    cfg, data, _, layout = experiment_for(cfg)
-    grid = LocalGrid(make_client_app(flatten(cfg)), cfg.dataset.num_clients, seed=cfg.seed)
-    strat = build_strategy(cfg, layout)
-    arrays = to_array_record(build(cfg, data).state_dict())
+    cfg, layout, grid, strat, arrays = build_setup(cfg=cfg)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     budget = budgets(grid, strat)
     for m in msgs:
@@ -179,10 +174,7 @@ def test_aligned_plans_within_the_deadline_and_closes_at_the_predicted_pace():
     cfg = small_config("aligned")
     cfg.fleet.deadline_s = 3.0
     cfg.fleet.jitter = 0.0
-    cfg, data, _, layout = experiment_for(cfg)
-    grid = LocalGrid(make_client_app(flatten(cfg)), 10, seed=0)
-    strat = build_strategy(cfg, layout)
-    arrays = to_array_record(build(cfg, data).state_dict())
+    cfg, layout, grid, strat, arrays = build_setup(cfg=cfg)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     problem = strat._problem(1, [m.metadata.dst_node_id for m in msgs])
     x = np.array([[k in m.content[P.CONFIG]["experts"] for k in layout.expert_keys] for m in msgs])
@@ -198,10 +190,7 @@ def test_aligned_leaves_out_clients_that_cannot_finish_in_time():
     cfg = small_config("aligned")
     cfg.fleet.deadline_s = 0.5  # small devices need > 0.5 s for their compute alone
     cfg.fleet.jitter = 0.0
-    cfg, data, _, layout = experiment_for(cfg)
-    grid = LocalGrid(make_client_app(flatten(cfg)), 10, seed=0)
-    strat = build_strategy(cfg, layout)
-    arrays = to_array_record(build(cfg, data).state_dict())
+    cfg, layout, grid, strat, arrays = build_setup(cfg=cfg)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     tiers = {strat.node_clients[m.metadata.dst_node_id]: strat.state.profiles[strat.node_clients[m.metadata.dst_node_id]].compute_tier for m in msgs}
     assert msgs and "small" not in tiers.values()
