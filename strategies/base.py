@@ -457,11 +457,10 @@ class ExpertStrategy(Strategy):
 
     def _observe_fitness(self, row: int, hist, gate, loss, trained: np.ndarray) -> None:
         f = self.fitness
-        # Pass only the weighted signals; an expert's missing loss (not trained) then still
-        # lets its histogram entry update the pair (renormalise over what was observed).
+        # renormalise: an expert's missing loss (not trained) still lets its histogram
+        # entry update the pair.
         sig = core.fitness_signal(
-            hist if f.w_hist else None, gate if f.w_gate else None, loss if f.w_loss else None,
-            w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss, alpha=f.alpha, renormalise=True,
+            hist, gate, loss, w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss, alpha=f.alpha, renormalise=True,
         )
         observed = np.isfinite(sig)
         fitness = core.update_fitness(self.state.fitness, row, np.nan_to_num(sig), trained, observed_mask=observed, beta=f.beta)
@@ -471,8 +470,6 @@ class ExpertStrategy(Strategy):
         """Fold the round into profiles, fitness and load (the core's pure updates)."""
         self.state = replace(self.state, profiles=core.update_profiles(self.state.profiles, observations, ema=self.profile_ema))
         k = len(self.expert_keys)
-        tokens = np.zeros(k)
-        clients = np.zeros(k)
         for u, rep in zip(updates, reports):
             row = self.state.client_index[u.client_id]
             trained = np.array([key in u.held for key in self.expert_keys])
@@ -481,10 +478,7 @@ class ExpertStrategy(Strategy):
             loss = P.decode_vector(rep[P.EXPERT_LOSS], k)
             loss = np.where(trained, loss, np.nan)
             self._observe_fitness(row, hist, gate, loss, trained)
-            for i, key in enumerate(self.expert_keys):
-                if key in u.held:
-                    tokens[i] += u.tokens.get(key, 0.0)
-                    clients[i] += 1
+        tokens, clients = core.round_load([u.held for u in updates], [u.tokens for u in updates], self.expert_keys)
         load = core.update_load(self.state.load, tokens, clients, rnd, **self.load_update_kwargs())
         self.state = core.advance_round(replace(self.state, load=load), rnd)
 

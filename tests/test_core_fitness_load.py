@@ -200,3 +200,11 @@ def test_state_round_trip_exact():
     assert np.array_equal(r.opt_state.v["w"], opt.v["w"])
     empty = state_from_dict(*state_to_dict(init_state(["L0.E0"])))
     assert empty.fitness.Q.shape == (0, 1) and empty.opt_state is None
+
+
+def test_round_load_counts_tokens_and_clients_of_held_experts_only():
+    from fedmoe_flwr.core import round_load
+
+    tok, cli = round_load([{"L0.E0", "L0.E2"}, {"L0.E2"}], [{"L0.E0": 3.0, "L0.E2": 1.0}, {"L0.E2": 5.0}],
+                          ["L0.E0", "L0.E1", "L0.E2"])
+    assert tok.tolist() == [3.0, 0.0, 6.0] and cli.tolist() == [1.0, 0.0, 2.0]

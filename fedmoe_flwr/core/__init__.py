@@ -24,7 +24,7 @@ from .fitness import (
     solver_score,
     update_fitness,
 )
-from .load import LoadState, coverage_bounds, init_load, load_cv, staleness, update_load
+from .load import LoadState, coverage_bounds, init_load, load_cv, round_load, staleness, update_load
 from .profiles import ClientProfile, expert_time_costs, update_profile, update_profiles
 from .state import (
     AlignmentState,
@@ -67,6 +67,7 @@ __all__ = [
     "init_load",
     "init_state",
     "load_cv",
+    "round_load",
     "server_step",
     "solver_score",
     "staleness",

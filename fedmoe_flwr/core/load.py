@@ -149,3 +149,20 @@ def coverage_bounds(num_slots: int, num_experts: int, band: float = 0.0) -> tupl
     lo = max(0, math.floor(m * (1.0 - band) + eps))
     hi = max(lo, math.ceil(m * (1.0 + band) - eps))
     return np.full(K, lo, dtype=np.int64), np.full(K, hi, dtype=np.int64)
+
+
+def round_load(held: list, tokens: list, expert_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-expert ``(tokens, clients)`` of one round's aggregated updates.
+
+    ``held[i]`` is the set of expert keys update ``i`` trained and ``tokens[i]`` its
+    ``{expert key: tokens routed}``; the result is in ``expert_keys`` order, ready for
+    :func:`update_load`.
+    """
+    index = {k: i for i, k in enumerate(expert_keys)}
+    tok = np.zeros(len(expert_keys))
+    cli = np.zeros(len(expert_keys))
+    for keys, counts in zip(held, tokens):
+        for key in keys:
+            tok[index[key]] += float(counts.get(key, 0.0))
+            cli[index[key]] += 1
+    return tok, cli
