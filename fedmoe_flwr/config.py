@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from fedmoe_flwr.core.fitness import FitnessSettings
+
 
 class _Name(str, Enum):
     """A string enum that prints as its value (so ``${strategy.name}`` in a path reads well)."""
@@ -79,9 +81,11 @@ class ModelConfig:
 
 @dataclass
 class TierConfig:
+    """One kind of simulated device (:mod:`fedmoe_flwr.fleet` deals them out to nodes)."""
+
     name: str = "mid"
     fraction: float = 1.0
-    experts: int = -1  # experts the device can hold; -1 = all
+    max_experts: int = -1  # experts the device can hold; -1 = all
     samples_per_s: float = 200.0
     uplink_mbps: float = 10.0
     downlink_mbps: float = 40.0
@@ -96,20 +100,16 @@ class FleetConfig:
 
 
 @dataclass
-class StrategyConfig:
+class StrategyConfig(FitnessSettings):
+    """The strategy's settings; the fitness ones (w_hist, beta, ...) come from
+    :class:`~fedmoe_flwr.core.FitnessSettings`. Each field reaches the strategy's
+    constructor argument of the same name (:func:`fedmoe_flwr.server_app.build_strategy`)."""
+
     name: StrategyName = StrategyName.aligned
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0  # personalised evaluation on clients' held-out splits
     probe: bool = True  # QUERY new nodes for their routing histogram before assigning
-    # fitness signal weights and smoothing (DESIGN.md §4)
-    w_hist: float = 1.0
-    w_gate: float = 0.0
-    w_loss: float = 0.0
-    loss_alpha: float = 1.0
-    beta: float = 0.5
-    kappa: float = 0.0  # UCB exploration; off until a benchmark shows it helps
-    anneal_rounds: int = 50
     # load balance: band around the mean slots per expert (0 = exact floor/ceil) and price
     band: float = 0.0
     price_step: float = 0.0
@@ -158,6 +158,13 @@ class Config:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+RUN_KEYS: dict[str, object] = {
+    "output-dir": "",  # where the ServerApp writes metrics.jsonl, summary.json, messages.jsonl ("" = nowhere)
+    "round-timeout": 0.0,  # seconds a round waits for replies (0 = the ServerApp's default, 3600)
+}
+"""Run-level keys of Flower's ``run_config`` (not part of :class:`Config`) and their defaults."""
 
 
 def register_configs() -> None:

@@ -14,29 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def rng_for(seed: int, *parts: int | str) -> np.random.Generator:
-    """A generator determined by ``seed`` and the given parts (round, client, purpose)."""
-    words = [int(seed) & 0xFFFFFFFF]
-    for p in parts:
-        if isinstance(p, str):
-            words.extend(p.encode())
-        else:
-            words.append(int(p) & 0xFFFFFFFF)
-    return np.random.default_rng(np.random.SeedSequence(words))
-
-
-@dataclass(frozen=True)
-class DeviceTier:
-    """One kind of device. ``experts=-1`` means it can hold every expert."""
-
-    name: str
-    fraction: float
-    experts: int
-    samples_per_s: float
-    uplink_mbps: float
-    downlink_mbps: float
-    reliability: float = 1.0
+from fedmoe_flwr.config import TierConfig
+from fedmoe_flwr.seeding import rng_for
 
 
 @dataclass(frozen=True)
@@ -52,7 +31,7 @@ class DeviceProfile:
     reliability: float
 
 
-def tier_of(partition_id: int, num_partitions: int, tiers: list[DeviceTier], seed: int) -> DeviceTier:
+def tier_of(partition_id: int, num_partitions: int, tiers: list[TierConfig], seed: int) -> TierConfig:
     """The tier of a node: tiers are dealt by fraction over a seeded permutation of nodes."""
     if not tiers:
         raise ValueError("fleet has no tiers")
@@ -69,7 +48,7 @@ def tier_of(partition_id: int, num_partitions: int, tiers: list[DeviceTier], see
 def device_profile(
     partition_id: int,
     num_partitions: int,
-    tiers: list[DeviceTier],
+    tiers: list[TierConfig],
     seed: int,
     expert_nbytes: int,
     num_experts: int,
@@ -80,7 +59,7 @@ def device_profile(
     ``max_experts * expert_nbytes`` so a tier that "holds 2 experts" holds exactly 2.
     """
     tier = tier_of(partition_id, num_partitions, tiers, seed)
-    k = num_experts if tier.experts < 0 else min(tier.experts, num_experts)
+    k = num_experts if tier.max_experts < 0 else min(tier.max_experts, num_experts)
     return DeviceProfile(
         tier=tier.name,
         max_experts=k,

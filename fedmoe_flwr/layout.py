@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
+from math import prod
+
+import numpy as np
 
 _KEY = re.compile(r"^L(\d+)\.E(\d+)$")
+
+
+def array_nbytes(shape, dtype) -> int:
+    """Bytes of one tensor: ``numel * itemsize``. The one byte count of the project: layouts,
+    wire records (:func:`fedmoe_flwr.protocol.record_nbytes`) and logs all use it."""
+    return int(prod(int(d) for d in shape)) * np.dtype(dtype).itemsize
 
 
 def expert_key(layer: int, index: int) -> str:
@@ -54,6 +64,11 @@ class ParamLayout:
         if key not in self.expert_params:
             raise KeyError(f"unknown expert key {key!r}; known: {self.expert_keys[:4]}...")
         return sum(self.nbytes[n] for n in self.expert_params[key])
+
+    @cached_property
+    def expert_of(self) -> dict[str, str]:
+        """Tensor name -> the expert key it belongs to (expert tensors only)."""
+        return {n: k for k, names in self.expert_params.items() for n in names}
 
     @property
     def shared_nbytes(self) -> int:

@@ -7,8 +7,9 @@ calls after every round: it evaluates the global model on the test set every
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -16,67 +17,54 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe_flwr.client.local_update import evaluate
+from fedmoe_flwr.models.evaluate import evaluate
 from fedmoe_flwr.config import Config, StrategyName, flatten, unflatten
+from fedmoe_flwr.core.fitness import FitnessSettings
 from fedmoe_flwr.experiment import build, experiment_for
 from fedmoe_flwr.models import set_active_experts
 from fedmoe_flwr.models.slicing import from_array_record, to_array_record
 from fedmoe_flwr.outputs import summarize, write_json
+from fedmoe_flwr.recording import RecordedStrategy
 
 log = logging.getLogger("fedmoe_flwr")
 
 
+def _parameters(cls) -> set[str]:
+    """Keyword arguments a strategy class accepts, over its whole MRO."""
+    names: set[str] = set()
+    for c in cls.__mro__:
+        if "__init__" in vars(c):
+            names |= set(inspect.signature(c.__init__).parameters)
+    return names
+
+
 def build_strategy(cfg: Config, layout):
-    """The strategy the config names, with every setting taken from the config."""
-    from strategies import STRATEGIES, DenseFedAvg, FitnessSettings
+    """The strategy the config names: each ``strategy.*`` setting reaches the constructor
+    argument of the same name (one declaration per setting: :class:`StrategyConfig`)."""
+    from fedmoe_flwr.strategies import STRATEGIES, DenseFedAvg
 
     s = cfg.strategy
-    train_config = {
-        "local-epochs": cfg.train.local_epochs,
-        "batch-size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-        "proximal-mu": cfg.train.proximal_mu,
-    }
-    if s.name == StrategyName.dense:
-        return DenseFedAvg(
-            seed=cfg.seed, deadline_s=cfg.fleet.deadline_s, train_config=train_config,
-            fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes, min_available_nodes=1,
-            fraction_evaluate=s.fraction_evaluate, min_evaluate_nodes=1, evaluate_every=cfg.eval_every,
-        )
-    common = dict(
-        fraction_train=s.fraction_train,
-        min_train_nodes=s.min_train_nodes,
-        fraction_evaluate=s.fraction_evaluate,
-        seed=cfg.seed,
-        probe=s.probe,
-        deadline_s=cfg.fleet.deadline_s,
-        norm_bound=s.norm_bound,
-        server_opt=s.server_opt,
-        server_lr=s.server_lr,
-        fitness=FitnessSettings(
-            w_hist=s.w_hist, w_gate=s.w_gate, w_loss=s.w_loss, alpha=s.loss_alpha,
-            beta=s.beta, kappa=s.kappa, anneal_rounds=s.anneal_rounds,
-        ),
-        profile_ema=s.profile_ema,
-        train_config=train_config,
-        evaluate_every=cfg.eval_every,
-    )
     cls = STRATEGIES[s.name.value]
-    if s.name == StrategyName.aligned:
-        return cls(layout, band=s.band, price_step=s.price_step, use_deadline=s.use_deadline,
-                   deadline_slack=s.deadline_slack, pace_margin=s.pace_margin, **common)
-    if s.name == StrategyName.flex:
-        return cls(layout, band=s.band, **common)
-    return cls(layout, **common)
+    accepted = _parameters(cls)
+    settings = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name in accepted}
+    train_config = {"local-epochs": cfg.train.local_epochs, "batch-size": cfg.train.batch_size, "lr": cfg.train.lr,
+                    "proximal-mu": cfg.train.proximal_mu}
+    common = dict(seed=cfg.seed, deadline_s=cfg.fleet.deadline_s, train_config=train_config, evaluate_every=cfg.eval_every)
+    if cls is DenseFedAvg:
+        return cls(**common, **settings, min_available_nodes=1, min_evaluate_nodes=1)
+    fitness = FitnessSettings(**{f.name: getattr(s, f.name) for f in dataclasses.fields(FitnessSettings)})
+    return cls(layout, **common, **settings, fitness=fitness)
 
 
 class RunRecorder:
-    """Flower's ``evaluate_fn``: global evaluation plus one ``metrics.jsonl`` row per round.
+    """The outputs of a ``run.py`` run: central evaluation and one row per round.
 
-    Each row goes to the ``loggers`` (:mod:`fedmoe_flwr.tracking`; default: those the
-    config's ``loggers`` names), a ``details.jsonl`` row is added, and every
-    ``checkpoint_every`` rounds a checkpoint is written (:mod:`fedmoe_flwr.checkpoint`).
-    ``restored`` (a :class:`~fedmoe_flwr.checkpoint.Checkpoint`) continues its rows.
+    :meth:`evaluate` is Flower's ``evaluate_fn`` (the global model on the test set every
+    ``eval_every`` rounds and on the last); :meth:`record` receives each round's row from
+    :class:`~fedmoe_flwr.recording.RecordedStrategy` and hands it to the ``loggers``
+    (:mod:`fedmoe_flwr.tracking`; default: those the config's ``loggers`` names), appends a
+    ``details.jsonl`` row, and every ``checkpoint_every`` rounds writes a checkpoint
+    (:mod:`fedmoe_flwr.checkpoint`). ``restored`` (a checkpoint) continues its rows.
     """
 
     def __init__(self, cfg: Config, data, strategy, out_dir: Path | None, progress=None, *,
@@ -107,20 +95,18 @@ class RunRecorder:
         for lg in self.loggers:
             lg.close()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        row: dict = {"round": server_round}
-        if server_round > 0:
-            last = getattr(self.strategy, "last", None)
-            row.update(last.metrics if last is not None else self.strategy.last_metrics)
-        result = None
-        last_round = server_round == self.cfg.num_rounds
-        if server_round == 0 or server_round % self.cfg.eval_every == 0 or last_round:
-            self.model.load_state_dict(from_array_record(arrays))
-            set_active_experts(self.model, None)
-            x, y = self.data.test
-            loss, acc, _ = evaluate(self.model, x, y)
-            row.update(accuracy=acc, loss=loss)
-            result = MetricRecord({"accuracy": acc, "loss": loss})
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: the global model on the test set, on evaluation rounds."""
+        if not (server_round == 0 or server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds):
+            return None
+        self.model.load_state_dict(from_array_record(arrays))
+        set_active_experts(self.model, None)
+        x, y = self.data.test
+        loss, acc, _ = evaluate(self.model, x, y)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    def record(self, server_round: int, arrays: ArrayRecord, row: dict) -> None:
+        """One round's row (see :class:`~fedmoe_flwr.recording.RecordedStrategy`) into the outputs."""
         row["wall_time_s"] = time.perf_counter() - self.t0
         self.rows.append(row)
         self.arrays = arrays
@@ -131,11 +117,13 @@ class RunRecorder:
             self.checkpointer.maybe_save(server_round, arrays, self.strategy, self.rows, self.details.rows)
         if self.progress is not None:
             self.progress(row)
-        return result
 
 
 def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progress=None) -> dict:
-    """Run the whole federated training on ``grid``; returns (and writes) the summary."""
+    """Run the whole federated training on ``grid``; returns (and writes) the summary.
+
+    Raises :class:`RuntimeError` when no round aggregated any update (every client failed).
+    """
     cfg, data, skeleton, layout = experiment_for(cfg)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -152,23 +140,18 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
 
         set_aside_checkpoints(out)  # a fresh run in a used directory: keep the old ones apart
     recorder = RunRecorder(cfg, data, strategy, out, progress, restored=restored)
+    offset = 0 if restored is None else restored.round
     if restored is None:
-        run_strategy, evaluate_fn, initial_arrays, rounds = strategy, recorder, to_array_record(initial.state_dict()), cfg.num_rounds
+        run_strategy, initial_arrays = strategy, to_array_record(initial.state_dict())
     else:  # Flower's start() counts from 1: shift its rounds by the checkpoint's
-        from fedmoe_flwr.checkpoint import ResumedStrategy, offset_evaluate_fn
+        from fedmoe_flwr.checkpoint import ResumedStrategy
 
-        run_strategy, evaluate_fn = ResumedStrategy(strategy, restored.round), offset_evaluate_fn(recorder, restored.round)
-        initial_arrays, rounds = restored.array_record(), cfg.num_rounds - restored.round
+        run_strategy, initial_arrays = ResumedStrategy(strategy, offset), restored.array_record()
+    recorded = RecordedStrategy(run_strategy, recorder.record, round_offset=offset)
     try:
-        if rounds > 0:
-            run_strategy.start(
-                grid=grid,
-                initial_arrays=initial_arrays,
-                num_rounds=rounds,
-                timeout=3600,
-                train_config=ConfigRecord(),
-                evaluate_fn=evaluate_fn,
-            )
+        if cfg.num_rounds - offset > 0:
+            recorded.start(grid=grid, initial_arrays=initial_arrays, num_rounds=cfg.num_rounds - offset, timeout=3600,
+                           train_config=ConfigRecord(), evaluate_fn=recorder.evaluate)
     finally:
         recorder.close()
     summary = summarize(recorder.rows, list(cfg.targets), strategy=cfg.strategy.name.value, seed=cfg.seed)
@@ -177,6 +160,10 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
         write_json(out / "summary.json", summary)
         if cfg.save_model and recorder.arrays is not None:
             torch.save(from_array_record(recorder.arrays), out / "model.pt")
+    trained = [r for r in recorder.rows if r.get("round", 0) > 0]
+    if trained and not any(r.get("num_aggregated", 0) > 0 for r in trained):
+        raise RuntimeError(f"no round aggregated any update ({len(trained)} rounds): every client failed or was "
+                           "dropped; see the log for each client's reason")
     return summary
 
 
@@ -190,7 +177,7 @@ def make_server_app(defaults: dict | None = None, out_dir: str | None = None, pr
         from fedmoe_flwr.deploy.grid import DeploymentGrid
 
         run_config = dict(context.run_config)
-        run_dir = run_config.pop("output-dir", None)  # run-level keys: fedmoe_flwr.deploy.app_config.RUN_KEYS
+        run_dir = run_config.pop("output-dir", None)  # run-level keys: fedmoe_flwr.config.RUN_KEYS
         timeout = float(run_config.pop("round-timeout", 0) or 0)
         target_dir = run_dir or out_dir
         cfg = unflatten({**defaults, **run_config})

@@ -217,10 +217,12 @@ FITNESS_CELLS_EVERY_ROUND = 5000
 """Fitness matrices up to this many cells go into every details row; larger ones every 10th."""
 
 
-def round_details(strategy, server_round: int, *, final: bool = False, tiers_known: dict | None = None) -> dict:
+def round_details(last, state, server_round: int, *, final: bool = False, tiers_known: dict | None = None) -> dict:
     """One ``details.jsonl`` row: what the round did, per client and per expert.
 
-    Keys (those a strategy cannot give are absent, e.g. for ``dense``): ``round``,
+    ``last`` is the strategy's :class:`~fedmoe_flwr.strategies.RoundLog`, ``state`` its
+    :class:`~fedmoe_flwr.core.AlignmentState` (None for ``dense``, whose row is the round only).
+    Keys: ``round``,
     ``expert_keys``, ``assignment`` (client id -> expert keys sent), ``dropped`` and
     ``rejected`` (client id -> reason), ``expert_clients`` and ``expert_tokens`` (per expert,
     this round's aggregated updates), ``tiers`` (client id -> device tier, on the first row
@@ -228,12 +230,9 @@ def round_details(strategy, server_round: int, *, final: bool = False, tiers_kno
     ``Q`` rounded to 5 decimals; every round for small fleets, else every 10th and the final).
     """
     row: dict[str, Any] = {"round": int(server_round)}
-    last = getattr(strategy, "last", None)
-    state = getattr(strategy, "state", None)
-    if last is None or state is None or not hasattr(state, "load"):
+    if state is None:
         return row
-    keys = list(getattr(strategy, "expert_keys", state.expert_keys))
-    row["expert_keys"] = keys
+    row["expert_keys"] = list(state.expert_keys)
     row["assignment"] = {str(c): list(v) for c, v in last.assignment.items()}
     row["dropped"] = {str(c): str(v) for c, v in last.dropped.items()}
     row["rejected"] = {str(c): str(v) for c, v in last.rejected.items()}
@@ -269,7 +268,8 @@ class DetailsRecorder:
     def record(self, server_round: int) -> dict | None:
         if server_round <= 0:
             return None
-        row = round_details(self.strategy, server_round, final=server_round == self.num_rounds, tiers_known=self.tiers)
+        row = round_details(self.strategy.last, self.strategy.state, server_round,
+                            final=server_round == self.num_rounds, tiers_known=self.tiers)
         self.tiers = row.get("tiers", self.tiers)
         self.rows.append(row)
         if self.path is not None:

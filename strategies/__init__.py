@@ -1,24 +1,8 @@
-"""fedmoe_flwr's Flower strategies, one module each; :data:`STRATEGIES` maps names to classes.
+"""The strategies of fedmoe_flwr under the short name of the design card.
 
-``dense`` (the non-MoE reference) is Flower's own FedAvg and is built by the ServerApp.
+The code lives in :mod:`fedmoe_flwr.strategies`; prefer that import in your own project
+(a ``strategies.py`` of yours would shadow this package).
 """
 
-from strategies.aligned import AlignedStrategy
-from strategies.base import ExpertStrategy, FitnessSettings
-from strategies.problem import AssignmentProblem
-from strategies.dense import DenseFedAvg
-from strategies.flex import FlexStrategy
-from strategies.full import FullStrategy
-from strategies.greedy import GreedyStrategy
-from strategies.random import RandomStrategy
-
-STRATEGIES = {
-    "aligned": AlignedStrategy,
-    "flex": FlexStrategy,
-    "greedy": GreedyStrategy,
-    "random": RandomStrategy,
-    "full": FullStrategy,
-}
-
-__all__ = ["STRATEGIES", "AlignedStrategy", "DenseFedAvg", "AssignmentProblem", "ExpertStrategy", "FitnessSettings",
-           "FlexStrategy", "FullStrategy", "GreedyStrategy", "RandomStrategy"]
+from fedmoe_flwr.strategies import *  # noqa: F401,F403
+from fedmoe_flwr.strategies import __all__  # noqa: F401

@@ -28,7 +28,7 @@ def _assignment(name):
 @pytest.mark.parametrize("name", ["random", "greedy", "flex"])
 def test_each_client_gets_exactly_k_c_experts(name):
     _, problem, x = _assignment(name)
-    assert (x.sum(1) == problem.k_cap).all()
+    assert (x.sum(1) == problem.max_experts).all()
 
 
 def test_greedy_takes_the_top_k_by_fitness():
@@ -42,15 +42,22 @@ def test_greedy_takes_the_top_k_by_fitness():
 
 def test_flex_respects_its_load_bounds():
     strat, problem, x = _assignment("flex")
-    lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), x.shape[1], strat.band)
+    lo, hi = core.coverage_bounds(int(problem.max_experts.sum()), x.shape[1], strat.band)
     load = x.sum(0)
     assert (load >= lo).all() and (load <= hi).all()
 
 
 def test_random_is_seeded_by_round():
-    a = _assignment("random")[2]
-    b = _assignment("random")[2]
-    assert np.array_equal(a, b)
+    strat, problem, _ = _assignment("random")
+    nodes = sorted(strat.node_clients, key=strat.node_clients.get)
+
+    def draw(rnd):  # the same cohort, assigned in round rnd by a fresh strategy
+        other = build_setup("random")[3]
+        other.node_clients, other.state, other.num_examples = strat.node_clients, strat.state, strat.num_examples
+        return other.assign(other._problem(rnd, nodes)).x
+
+    assert np.array_equal(draw(1), draw(1))  # same seed and round: same draw
+    assert not np.array_equal(draw(1), draw(2))  # another round: another draw
 
 
 @pytest.mark.slow

@@ -84,14 +84,14 @@ def test_node_profile_reads_node_config():
     model = UserNet()
     layout = param_layout(model)
     all_experts = sum(layout.expert_nbytes(k) for k in layout.expert_keys)
-    p = node_profile(context({"partition-id": 3}), model)
+    p = node_profile(context({"partition-id": 3}), model).encode()
     assert p == {P.CLIENT_ID: "3", P.EXPERT_MEMORY: all_experts}
     mem = (layout.shared_nbytes + 1000) / 2**20
-    p = node_profile(context({"client-id": "phone-7", "partition-id": 3, "memory-mb": mem, "uplink-Bps": 5e5}), model)
+    p = node_profile(context({"client-id": "phone-7", "partition-id": 3, "memory-mb": mem, "uplink-Bps": 5e5}), model).encode()
     assert p[P.CLIENT_ID] == "phone-7" and p[P.EXPERT_MEMORY] == 1000 and p[P.UPLINK] == 5e5
-    assert node_profile(context({}), model)[P.CLIENT_ID] == "42", "the Flower node id as a last resort"
-    assert node_profile(context({"memory-mb": 1e-6}), model)[P.EXPERT_MEMORY] == 0, "never negative"
-    assert node_profile(context({}), model, tier="phone")["tier"] == "phone"
+    assert node_profile(context({}), model).client_id == "42", "the Flower node id as a last resort"
+    assert node_profile(context({"memory-mb": 1e-6}), model).expert_memory_bytes == 0, "never negative"
+    assert node_profile(context({}), model, tier="phone").tier == "phone"
 
 
 def test_expert_train_trains_only_the_assigned_experts_and_replies_with_what_it_got(data):
@@ -108,7 +108,7 @@ def test_expert_train_trains_only_the_assigned_experts_and_replies_with_what_it_
         return {P.NUM_EXAMPLES: len(x), P.TRAIN_LOSS: user_train(model, x, y)}
 
     msg = message(MessageType.TRAIN, sent, {"server-round": 1, "experts": keys})
-    reply = expert_train(msg, UserNet(), train_fn, profile={P.CLIENT_ID: "u"}, stats_inputs=x)
+    reply = expert_train(msg, UserNet(), train_fn, stats_inputs=x)
 
     assert seen == {"active": keys, "loaded": True}, "absent experts are masked, the sent tensors loaded"
     back = from_array_record(reply.content[P.ARRAYS])
@@ -122,16 +122,16 @@ def test_expert_train_trains_only_the_assigned_experts_and_replies_with_what_it_
     assert tokens[:4].sum() == tokens[4:].sum() == 5 * len(x), "every token passes each MoE layer once per step"
     hist = P.decode_vector(rep[P.HIST], len(layout.expert_keys))
     assert hist[:4].sum() == pytest.approx(1) and hist[4:].sum() == pytest.approx(1), "histogram over all router rows"
-    assert rep[P.BYTES_DOWN] == rep[P.BYTES_UP] == state_nbytes(sent)
+    assert P.record_nbytes(reply.content[P.ARRAYS]) == P.record_nbytes(msg.content[P.ARRAYS]) == state_nbytes(sent)
     assert rep[P.NUM_EXAMPLES] == len(x) and rep[P.TRAIN_LOSS] > 0
-    assert reply.content[P.PROFILE][P.CLIENT_ID] == "u"
+    assert P.PROFILE not in reply.content, "the profile travels in the QUERY reply only"
 
 
 def test_a_stock_fedavg_message_trains_every_expert_and_timings_can_be_replaced(data):
     x, y = data
     state = global_state()
     msg = message(MessageType.TRAIN, state, {"server-round": 1, "lr": 0.1})  # FedAvg: whole model, no "experts"
-    reply = expert_train(msg, UserNet(), lambda m: (user_train(m, x, y), len(x))[1], profile={P.CLIENT_ID: "u"},
+    reply = expert_train(msg, UserNet(), lambda m: (user_train(m, x, y), len(x))[1],
                          timings=lambda down, up, n, measured: (down / 1e3, measured + 1.0, up / 1e3))
     assert set(from_array_record(reply.content[P.ARRAYS])) == set(state)
     rep = reply.content[P.REPORT]
@@ -156,9 +156,9 @@ def test_expert_probe_answers_the_query_with_profile_and_routing(data):
     layout = param_layout(UserNet())
     shared = {n: state[n] for n in layout.param_names([])}
     probed = expert_probe(message(MessageType.QUERY, shared, {"probe": True}), UserNet(),
-                          profile={P.CLIENT_ID: "u", P.EXPERT_MEMORY: 10}, stats_inputs=x)
+                          profile=P.NodeProfile("u", expert_memory_bytes=10), stats_inputs=x)
     assert probed.content[P.PROFILE][P.EXPERT_MEMORY] == 10
     hist = P.decode_vector(probed.content[P.REPORT][P.HIST], 7)
     assert hist[:4].sum() == pytest.approx(1) and (hist >= 0).all()
-    plain = expert_probe(message(MessageType.QUERY, None, {"probe": False}), UserNet(), profile={P.CLIENT_ID: "u"}, stats_inputs=x)
+    plain = expert_probe(message(MessageType.QUERY, None, {"probe": False}), UserNet(), profile=P.NodeProfile("u"), stats_inputs=x)
     assert P.REPORT not in plain.content and plain.content[P.PROFILE][P.CLIENT_ID] == "u"

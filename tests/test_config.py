@@ -8,7 +8,7 @@ from fedmoe_flwr.config import Config, TierConfig, flatten, to_config, unflatten
 
 def test_flatten_roundtrip_with_lists_and_none():
     c = Config()
-    c.fleet.tiers = [TierConfig(name="a", fraction=0.4, experts=2), TierConfig(name="b", fraction=0.6)]
+    c.fleet.tiers = [TierConfig(name="a", fraction=0.4, max_experts=2), TierConfig(name="b", fraction=0.6)]
     c.targets = [0.5, 0.75]
     c.fleet.deadline_s = None
     c.dataset.max_train_samples = 1000

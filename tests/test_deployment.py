@@ -60,9 +60,9 @@ def deployment_config(rounds: int) -> Config:
     cfg.fleet.deadline_s = None
     cfg.fleet.jitter = 0.0
     cfg.fleet.tiers = [
-        TierConfig(name="small", fraction=1 / 3, experts=1, samples_per_s=100, uplink_mbps=1, downlink_mbps=4),
-        TierConfig(name="mid", fraction=1 / 3, experts=2, samples_per_s=400, uplink_mbps=5, downlink_mbps=20),
-        TierConfig(name="large", fraction=1 / 3, experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
+        TierConfig(name="small", fraction=1 / 3, max_experts=1, samples_per_s=100, uplink_mbps=1, downlink_mbps=4),
+        TierConfig(name="mid", fraction=1 / 3, max_experts=2, samples_per_s=400, uplink_mbps=5, downlink_mbps=20),
+        TierConfig(name="large", fraction=1 / 3, max_experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
     ]
     cfg.train.local_epochs = 1
     return cfg
@@ -214,7 +214,7 @@ def _message(kind: str, content: RecordDict, node_id: int = 7) -> Message:
 
 def test_a_supernode_with_declared_capacity_is_a_real_device():
     cfg = deployment_config(rounds=1)
-    cfg.fleet.tiers = [TierConfig(name="flaky", experts=-1, reliability=0.0)]  # would always drop out if simulated
+    cfg.fleet.tiers = [TierConfig(name="flaky", max_experts=-1, reliability=0.0)]  # would always drop out if simulated
     cfg, data, model, layout = experiment_for(cfg)
     app = make_client_app(flatten(cfg))
     LocalGrid(app, 1)  # plays Flower's runtime: messages take their run id from it
@@ -240,7 +240,7 @@ def test_a_supernode_with_declared_capacity_is_a_real_device():
     assert not out.has_error(), "real devices never drop out on purpose"
     rep = out.content[P.REPORT]
     assert rep[P.TRAIN_TIME] > 0
-    assert rep[P.DOWN_TIME] == pytest.approx(rep[P.BYTES_DOWN] / 1e5) and rep[P.UP_TIME] == 0.0
+    assert rep[P.DOWN_TIME] == pytest.approx(P.record_nbytes(sent[P.ARRAYS]) / 1e5) and rep[P.UP_TIME] == 0.0
     dropped = app(_message(MessageType.TRAIN, sent, node_id=8), simulated)
     assert dropped.has_error(), "the simulated fleet's reliability still applies without declared capacity"
 
@@ -271,7 +271,7 @@ def test_deployment_grid_caps_timeouts_and_logs_what_each_node_got(tmp_path):
 def test_a_real_device_keeps_its_partition_in_context_state(monkeypatch):
     """A new ClientApp process per message: the second message must not rebuild the dataset."""
     import fedmoe_flwr.experiment as experiment
-    from fedmoe_flwr.deploy.node_cache import ARRAYS_KEY, node_experiment
+    from fedmoe_flwr.client.node_cache import ARRAYS_KEY, node_experiment
 
     cfg = deployment_config(rounds=1)
     full = experiment_for(cfg)[1]

@@ -45,7 +45,7 @@ def fault_config() -> Config:
     cfg.fleet.deadline_s = None
     cfg.fleet.jitter = 0.0
     # every device holds 2 of the 4 experts, so an update can carry an expert it was not sent
-    cfg.fleet.tiers = [TierConfig(name="two", fraction=1.0, experts=2, reliability=1.0)]
+    cfg.fleet.tiers = [TierConfig(name="two", fraction=1.0, max_experts=2, reliability=1.0)]
     cfg.train.local_epochs = 1
     return cfg
 

@@ -2,12 +2,14 @@
 
 import numpy as np
 
-from fedmoe_flwr.fleet import DeviceTier, device_profile, drops_out, rng_for, simulate_times, tier_of
+from fedmoe_flwr.config import TierConfig
+from fedmoe_flwr.fleet import device_profile, drops_out, simulate_times, tier_of
+from fedmoe_flwr.seeding import rng_for
 
 TIERS = [
-    DeviceTier("small", 0.4, 2, 100.0, 1.0, 4.0, 0.5),
-    DeviceTier("mid", 0.4, 4, 400.0, 5.0, 20.0, 1.0),
-    DeviceTier("large", 0.2, -1, 2000.0, 50.0, 200.0, 1.0),
+    TierConfig("small", 0.4, 2, 100.0, 1.0, 4.0, 0.5),
+    TierConfig("mid", 0.4, 4, 400.0, 5.0, 20.0, 1.0),
+    TierConfig("large", 0.2, -1, 2000.0, 50.0, 200.0, 1.0),
 ]
 
 

@@ -29,8 +29,8 @@ def _cfg(strategy: StrategyName, rounds: int) -> Config:
     cfg.train.local_epochs = 1
     cfg.fleet.deadline_s = 3.0
     cfg.fleet.tiers = [
-        TierConfig(name="small", fraction=0.5, experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4, reliability=0.8),
-        TierConfig(name="large", fraction=0.5, experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
+        TierConfig(name="small", fraction=0.5, max_experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4, reliability=0.8),
+        TierConfig(name="large", fraction=0.5, max_experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
     ]
     return cfg
 

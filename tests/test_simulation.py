@@ -26,9 +26,9 @@ def integration_config(backend: Backend) -> Config:
     cfg.strategy.fraction_train = 0.5
     cfg.fleet.deadline_s = None
     cfg.fleet.tiers = [
-        TierConfig(name="small", fraction=0.4, experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4, reliability=0.9),
-        TierConfig(name="mid", fraction=0.4, experts=4, samples_per_s=400, uplink_mbps=5, downlink_mbps=20),
-        TierConfig(name="large", fraction=0.2, experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
+        TierConfig(name="small", fraction=0.4, max_experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4, reliability=0.9),
+        TierConfig(name="mid", fraction=0.4, max_experts=4, samples_per_s=400, uplink_mbps=5, downlink_mbps=20),
+        TierConfig(name="large", fraction=0.2, max_experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
     ]
     return cfg
 

@@ -23,9 +23,9 @@ def small_config(strategy="aligned", **over) -> Config:
     cfg.strategy.fraction_train = 0.6
     cfg.fleet.deadline_s = None
     cfg.fleet.tiers = [
-        TierConfig(name="small", fraction=0.4, experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4),
-        TierConfig(name="mid", fraction=0.4, experts=4, samples_per_s=400, uplink_mbps=5, downlink_mbps=20),
-        TierConfig(name="large", fraction=0.2, experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
+        TierConfig(name="small", fraction=0.4, max_experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4),
+        TierConfig(name="mid", fraction=0.4, max_experts=4, samples_per_s=400, uplink_mbps=5, downlink_mbps=20),
+        TierConfig(name="large", fraction=0.2, max_experts=-1, samples_per_s=2000, uplink_mbps=50, downlink_mbps=200),
     ]
     for k, v in over.items():
         setattr(cfg, k, v)
@@ -73,7 +73,8 @@ def test_round_aggregates_per_expert_and_keeps_untrained_experts():
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     trained = {k for m in msgs for k in m.content[P.CONFIG]["experts"]}
     replies = grid.send_and_receive(msgs)
-    new, metrics = strat.aggregate_train(1, replies)
+    new, _ = strat.aggregate_train(1, replies)
+    metrics = strat.last.metrics
     assert new is not None and set(new.keys()) == set(arrays.keys())
     assert metrics["num_aggregated"] + metrics["num_dropped"] == len(msgs)
     assert metrics["bytes_down"] > 0 and metrics["bytes_up"] > 0
@@ -111,7 +112,8 @@ def test_bad_update_is_rejected_with_reason_and_round_goes_on(how):
     replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
     bad = _corrupt(replies[0], how)
     bad_client = strat._sent[bad.metadata.src_node_id].client_id
-    new, metrics = strat.aggregate_train(1, replies)
+    new, _ = strat.aggregate_train(1, replies)
+    metrics = strat.last.metrics
     assert metrics["num_rejected"] == 1
     assert bad_client in strat.last.rejected and strat.last.rejected[bad_client]
     assert new is not None  # the others were aggregated
@@ -123,7 +125,8 @@ def test_every_node_failing_leaves_model_unchanged():
     cfg, layout, grid, strat, arrays = build_setup("aligned")
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     errors = [Message(Error(code=1, reason="boom"), reply_to=_with_id(m)) for m in msgs]
-    new, metrics = strat.aggregate_train(1, errors)
+    new, _ = strat.aggregate_train(1, errors)
+    metrics = strat.last.metrics
     assert new is None and metrics["num_dropped"] == len(msgs) and metrics["num_aggregated"] == 0
 
 
@@ -149,7 +152,8 @@ def test_deadline_drops_slow_replies_and_aligned_plans_within_it():
     cfg.fleet.deadline_s = 0.5
     cfg, layout, grid, strat, arrays = build_setup(cfg=cfg)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
-    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    strat.aggregate_train(1, grid.send_and_receive(msgs))
+    metrics = strat.last.metrics
     assert metrics["num_dropped"] >= 1
     assert all("deadline" in why or "dropout" in why for why in strat.last.dropped.values())
     assert metrics["sim_round_time_s"] == 0.5
@@ -166,7 +170,8 @@ def test_two_moe_layers_every_client_gets_an_expert_in_each_layer(name):
         keys = list(m.content[P.CONFIG]["experts"])
         assert {k.split(".")[0] for k in keys} == {"L0", "L1"}
         assert sum(layout.expert_nbytes(k) for k in keys) <= budget[m.metadata.dst_node_id]
-    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    strat.aggregate_train(1, grid.send_and_receive(msgs))
+    metrics = strat.last.metrics
     assert metrics["num_aggregated"] >= 1
 
 
@@ -182,7 +187,8 @@ def test_aligned_plans_within_the_deadline_and_closes_at_the_predicted_pace():
     fits = problem.time_fixed + problem.time_per_expert.min(1) <= 0.9 * 3.0
     assert (predicted[fits] <= 0.9 * 3.0 + 1e-9).all()
     assert strat._close == pytest.approx(min(3.0, 1.2 * predicted.max()))
-    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    strat.aggregate_train(1, grid.send_and_receive(msgs))
+    metrics = strat.last.metrics
     assert metrics["sim_round_time_s"] <= 3.0
 
 
@@ -194,5 +200,6 @@ def test_aligned_leaves_out_clients_that_cannot_finish_in_time():
     msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
     tiers = {strat.node_clients[m.metadata.dst_node_id]: strat.state.profiles[strat.node_clients[m.metadata.dst_node_id]].compute_tier for m in msgs}
     assert msgs and "small" not in tiers.values()
-    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    strat.aggregate_train(1, grid.send_and_receive(msgs))
+    metrics = strat.last.metrics
     assert metrics["num_dropped"] == 0

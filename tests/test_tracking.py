@@ -127,7 +127,7 @@ def test_round_details_of_an_expert_strategy_and_of_dense():
     import numpy as np
 
     from fedmoe_flwr.tracking import round_details
-    from strategies.base import RoundLog
+    from fedmoe_flwr.strategies import RoundLog
 
     class State:
         expert_keys = ["L0.E0", "L0.E1"]
@@ -146,22 +146,16 @@ def test_round_details_of_an_expert_strategy_and_of_dense():
 
         profiles = {"a": P("small"), "b": P("large")}
 
-    class S:
-        expert_keys = State.expert_keys
-        state = State
-        last = RoundLog(assignment={"a": ["L0.E0"], "b": ["L0.E0", "L0.E1"]}, dropped={"b": "late"})
+    last = RoundLog(assignment={"a": ["L0.E0"], "b": ["L0.E0", "L0.E1"]}, dropped={"b": "late"})
 
-    row = round_details(S, 3)
+    row = round_details(last, State, 3)
     assert row["assignment"] == {"a": ["L0.E0"], "b": ["L0.E0", "L0.E1"]} and row["dropped"] == {"b": "late"}
     assert row["expert_clients"] == [2.0, 1.0] and row["expert_tokens"] == [30.0, 10.0]
     assert row["tiers"] == {"a": "small", "b": "large"}
     assert row["fitness"] == {"clients": ["a", "b"], "Q": [[0.25, 0.75], [None, 0.5]]}
-    assert "tiers" not in round_details(S, 4, tiers_known=row["tiers"])  # only when it changed
-
-    class Dense:
-        last_metrics = {"bytes_total": 1.0}
-
-    assert round_details(Dense, 2) == {"round": 2}
+    assert "tiers" not in round_details(last, State, 4, tiers_known=row["tiers"])  # only when it changed
+    # dense has no alignment state: its row is the round only
+    assert round_details(RoundLog(metrics={"bytes_total": 1.0}), None, 2) == {"round": 2}
 
 
 def test_progress_plain_lines_show_round_accuracy_bytes_and_eta(capsys):

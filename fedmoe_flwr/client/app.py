@@ -22,17 +22,18 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedmoe_flwr import protocol as P
-from fedmoe_flwr.client.helper import expert_probe, expert_train, load_assigned, node_profile
-from fedmoe_flwr.client.local_update import evaluate, train_local
-from fedmoe_flwr.config import Config, flatten, unflatten
-from fedmoe_flwr.deploy.app_config import RUN_KEYS
-from fedmoe_flwr.deploy.node_cache import node_experiment
+from fedmoe_flwr.client.helper import expert_evaluate, expert_probe, expert_train, node_profile
+from fedmoe_flwr.client.local_update import train_local
+from fedmoe_flwr.models.evaluate import evaluate
+from fedmoe_flwr.client.node_cache import node_experiment
+from fedmoe_flwr.config import RUN_KEYS, Config, flatten, unflatten
 from fedmoe_flwr.experiment import experiment_for
-from fedmoe_flwr.fleet import DeviceTier, device_profile, drops_out, rng_for, simulate_times
+from fedmoe_flwr.fleet import device_profile, drops_out, simulate_times
+from fedmoe_flwr.seeding import rng_for
 
 SIMULATED_DROPOUT = "simulated dropout"
 
@@ -54,11 +55,11 @@ def simulated_device(context: Context) -> bool:
     return not any(k in nc for k in DEVICE_KEYS)
 
 
-def _link_times(profile: dict):
+def _link_times(profile: P.NodeProfile):
     """``timings`` for a real device: measured compute, transfers at declared link speeds."""
 
     def timings(bytes_down, bytes_up, _n, measured_s):
-        down, up = profile.get(P.DOWNLINK), profile.get(P.UPLINK)
+        down, up = profile.downlink_Bps, profile.uplink_Bps
         return (bytes_down / down if down else 0.0), measured_s, (bytes_up / up if up else 0.0)
 
     return timings
@@ -71,25 +72,24 @@ def _unflatten_cached(items: tuple) -> Config:
 
 
 def _device(cfg: Config, layout, pid: int):
-    tiers = [DeviceTier(**vars(t)) for t in cfg.fleet.tiers]
+    tiers = list(cfg.fleet.tiers)
     expert_bytes = max((layout.expert_nbytes(k) for k in layout.expert_keys), default=0)
     return device_profile(pid, cfg.dataset.num_clients, tiers, cfg.seed, expert_bytes, len(layout.expert_keys))
 
 
-def _profile(dev, pid: int, context: Context, num_examples: int, model=None) -> dict:
-    nc = dict(context.node_config)
+def _profile(dev, pid: int, context: Context, num_examples: int, model=None) -> P.NodeProfile:
     if dev is None:  # a real device: what its node_config declares
-        return {P.NUM_EXAMPLES: int(num_examples), **node_profile(context, model)}
-    return {
-        P.NUM_EXAMPLES: int(num_examples),
-        P.CLIENT_ID: str(nc.get("client-id", pid)),
-        P.EXPERT_MEMORY: int(dev.expert_memory_bytes),
-        P.SAMPLES_PER_S: dev.samples_per_s,
-        P.UPLINK: dev.uplink_Bps,
-        P.DOWNLINK: dev.downlink_Bps,
-        P.RELIABILITY: dev.reliability,
-        P.TIER: dev.tier,
-    }
+        return node_profile(context, model, num_examples=int(num_examples))
+    return P.NodeProfile(
+        client_id=str(context.node_config.get("client-id", pid)),
+        expert_memory_bytes=int(dev.expert_memory_bytes),
+        samples_per_s=dev.samples_per_s,
+        uplink_Bps=dev.uplink_Bps,
+        downlink_Bps=dev.downlink_Bps,
+        reliability=dev.reliability,
+        tier=dev.tier,
+        num_examples=int(num_examples),
+    )
 
 
 def make_client_app(defaults: dict | None = None) -> ClientApp:
@@ -157,20 +157,21 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
             )
 
         n, sample = work(cfg, x)
-        profile = _profile(dev, pid, context, n, model)
         return expert_train(
-            msg, model, train_fn, profile=profile, stats_inputs=sample,
-            timings=timings if dev is not None else _link_times(profile),
+            msg, model, train_fn, stats_inputs=sample,
+            timings=timings if dev is not None else _link_times(_profile(dev, pid, context, n, model)),
         )
 
     @app.evaluate()
     def evaluate_personal(msg: Message, context: Context) -> Message:
         cfg, data, model, pid, dev = node(context)
-        load_assigned(msg, model)
         x, y = data.client_holdout(pid)
-        loss, acc, n = evaluate(model, x, y)
-        metrics = MetricRecord({P.NUM_EXAMPLES: int(n), "accuracy": float(acc), "loss": float(loss)})
-        return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+        def eval_fn(m):
+            loss, acc, n = evaluate(m, x, y)
+            return loss, n, {"accuracy": acc}
+
+        return expert_evaluate(msg, model, eval_fn)
 
     return app
 

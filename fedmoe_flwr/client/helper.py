@@ -20,18 +20,21 @@ optionally ``train-loss`` and ``expert-loss`` (a per-expert-key vector).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from fedmoe_flwr import core
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.client.local_update import routing_stats
 from fedmoe_flwr.models import moe_layers, set_active_experts
-from fedmoe_flwr.models.slicing import from_array_record, param_layout, state_nbytes, sub_state, to_array_record
+from fedmoe_flwr.models.slicing import from_array_record, param_layout, sub_state, to_array_record
 
 
 def assigned_experts(msg: Message, model: torch.nn.Module) -> list[str]:
@@ -62,7 +65,7 @@ def load_assigned(msg: Message, model: torch.nn.Module) -> tuple[list[str], int]
     model.load_state_dict(received, strict=False)
     if moe_layers(model):
         set_active_experts(model, keys)
-    return keys, state_nbytes(received)
+    return keys, P.record_nbytes(msg.content[P.ARRAYS])
 
 
 @contextmanager
@@ -87,43 +90,96 @@ def count_tokens(model: torch.nn.Module):
             h.remove()
 
 
-def node_profile(context: Context, model: torch.nn.Module, **declared) -> dict:
-    """The node's stable id and declared capacity from ``context.node_config``.
+def node_profile(context: Context, model: torch.nn.Module, *, capacity_fn: Callable[[Context], dict] | None = None,
+                 **declared) -> P.NodeProfile:
+    """The node's stable id and declared capacity, from ``context.node_config``.
 
-    Keys read: ``client-id`` (else ``partition-id``, else the Flower node id) and
-    ``memory-mb`` (total memory for the model; the expert budget is that minus the shared
-    tensors; absent = every expert fits). ``declared`` adds or overrides profile fields.
+    Keys read (docs/architecture.md#capacity): ``client-id`` (else ``partition-id``, else
+    the Flower node id); the expert budget as ``max-experts`` (a count of the model's
+    largest experts) or ``memory-mb`` (total MiB for the model; the budget is that minus the
+    shared tensors); absent = every expert fits; optional ``samples-per-s``, ``uplink-Bps``,
+    ``downlink-Bps``, ``reliability``, ``num-examples``. ``capacity_fn(context)`` returns the
+    same keys for nodes whose ``node_config`` lacks them (in simulation Flower gives only
+    ``partition-id``): ``capacity_fn=lambda ctx: {"max-experts": 1 + ctx.node_config["partition-id"] % 4}``.
+    ``declared`` overrides any field of :class:`~fedmoe_flwr.protocol.NodeProfile` by name.
     """
-    nc = dict(context.node_config)
+    nc = {**(capacity_fn(context) if capacity_fn is not None else {}), **dict(context.node_config)}
     layout = param_layout(model)
     cid = nc.get("client-id", nc.get("partition-id", context.node_id))
-    all_experts = sum(layout.expert_nbytes(k) for k in layout.expert_keys)
-    if "memory-mb" in nc:
+    largest = max((layout.expert_nbytes(k) for k in layout.expert_keys), default=0)
+    if "max-experts" in nc:
+        budget = int(nc["max-experts"]) * largest
+    elif "memory-mb" in nc:
         budget = int(float(nc["memory-mb"]) * 2**20) - layout.shared_nbytes
     else:
-        budget = all_experts
-    profile = {P.CLIENT_ID: str(cid), P.EXPERT_MEMORY: max(int(budget), 0)}
-    for key in (P.SAMPLES_PER_S, P.UPLINK, P.DOWNLINK, P.RELIABILITY):
-        if key in nc:
-            profile[key] = float(nc[key])
-    profile.update(declared)
-    return profile
+        budget = sum(layout.expert_nbytes(k) for k in layout.expert_keys)
+    keys = {"samples_per_s": P.SAMPLES_PER_S, "uplink_Bps": P.UPLINK, "downlink_Bps": P.DOWNLINK,
+            "reliability": P.RELIABILITY}
+    fields = {f: float(nc[k]) for f, k in keys.items() if k in nc}
+    if P.NUM_EXAMPLES in nc:
+        fields["num_examples"] = int(nc[P.NUM_EXAMPLES])
+    return replace(P.NodeProfile(client_id=str(cid), expert_memory_bytes=max(int(budget), 0), **fields), **declared)
+
+
+def _train_result(out, counted: int) -> dict:
+    """A train function's return as ``{num-examples, train-loss, expert-loss?, metrics}``.
+
+    Accepted: a float loss, a dict (``num-examples``, ``train-loss``, ``expert-loss`` and any
+    other scalars, which travel as the user's metrics), a ``(loss, num_examples)`` pair, or
+    an int (the number of examples). ``counted`` (samples the model saw in training) stands in
+    for a missing number of examples.
+    """
+    if isinstance(out, bool) or out is None:
+        raise TypeError(f"train_fn returned {out!r}; expected a float loss, a dict, a (loss, n) pair or an int")
+    if isinstance(out, int):
+        return {P.NUM_EXAMPLES: out, P.TRAIN_LOSS: math.nan, "metrics": {}}
+    if isinstance(out, float) or (isinstance(out, torch.Tensor) and out.numel() == 1):
+        return {P.NUM_EXAMPLES: counted, P.TRAIN_LOSS: float(out), "metrics": {}}
+    if isinstance(out, tuple) and len(out) == 2:
+        return {P.NUM_EXAMPLES: int(out[1]), P.TRAIN_LOSS: float(out[0]), "metrics": {}}
+    if isinstance(out, dict):
+        own = {P.NUM_EXAMPLES, P.TRAIN_LOSS, P.EXPERT_LOSS}
+        metrics = {k: float(v) for k, v in out.items() if k not in own and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {P.NUM_EXAMPLES: int(out.get(P.NUM_EXAMPLES, counted)), P.TRAIN_LOSS: float(out.get(P.TRAIN_LOSS, math.nan)),
+                P.EXPERT_LOSS: out.get(P.EXPERT_LOSS), "metrics": metrics}
+    raise TypeError(f"train_fn returned a {type(out).__name__}; expected a float loss, a dict, a (loss, n) pair or an int")
+
+
+@contextmanager
+def count_samples(model: torch.nn.Module):
+    """Count the samples (first dimension of the first input) of training-mode forwards."""
+    seen = [0]
+
+    def hook(module, args, _out):
+        if module.training and args and hasattr(args[0], "shape") and len(args[0].shape):
+            seen[0] += int(args[0].shape[0])
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield lambda: seen[0]
+    finally:
+        handle.remove()
 
 
 def expert_train(
     msg: Message,
     model: torch.nn.Module,
-    train_fn: Callable[[torch.nn.Module], int | dict],
+    train_fn: Callable[[torch.nn.Module], float | int | dict | tuple],
     *,
-    profile: dict,
     stats_inputs: np.ndarray | None = None,
     timings: Callable[[int, int, int, float], tuple[float, float, float]] | None = None,
+    profile=None,
 ) -> Message:
     """Train the assigned experts with ``train_fn`` and build the TRAIN reply.
 
-    ``timings(bytes_down, bytes_up, num_examples, measured_train_s)`` may replace the
-    measured ``(down, compute, up)`` seconds (the simulated fleet does).
+    ``train_fn(model)`` may return a float loss, a ``(loss, num_examples)`` pair, an int (the
+    number of examples) or a dict (see :func:`_train_result`; extra scalars travel as your
+    metrics and reach the strategy's aggregated train metrics). ``timings(bytes_down,
+    bytes_up, num_examples, measured_train_s)`` may replace the measured ``(down, compute,
+    up)`` seconds (the simulated fleet does). ``profile`` is accepted for compatibility and
+    unused: a node's profile travels in its QUERY reply.
     """
+    del profile
     keys, bytes_down = load_assigned(msg, model)
     layout = param_layout(model)
     k = len(layout.expert_keys)
@@ -131,39 +187,63 @@ def expert_train(
         hist, gate = routing_stats(model, stats_inputs)
     else:
         hist, gate = np.full(k, np.nan), np.full(k, np.nan)
-    with count_tokens(model) as tokens:
+    with count_tokens(model) as tokens, count_samples(model) as samples:
         t0 = time.perf_counter()
-        out = train_fn(model)
+        raw = train_fn(model)
         train_s = time.perf_counter() - t0
         token_counts = tokens()
-    out = {P.NUM_EXAMPLES: int(out)} if not isinstance(out, dict) else dict(out)
-    sent = {n: t.detach().clone() for n, t in sub_state(model.state_dict(), layout, keys).items()}
-    bytes_up = state_nbytes(sent)
+        out = _train_result(raw, samples())
+    if out[P.NUM_EXAMPLES] <= 0:
+        raise ValueError(f"train_fn trained on {out[P.NUM_EXAMPLES]} examples; nothing to send")
+    sent = to_array_record({n: t.detach().clone() for n, t in sub_state(model.state_dict(), layout, keys).items()})
     down_s, train_s, up_s = (
-        timings(bytes_down, bytes_up, int(out[P.NUM_EXAMPLES]), train_s) if timings else (0.0, train_s, 0.0)
+        timings(bytes_down, P.record_nbytes(sent), out[P.NUM_EXAMPLES], train_s) if timings else (0.0, train_s, 0.0)
     )
-    report = MetricRecord(
-        {
-            P.NUM_EXAMPLES: int(out[P.NUM_EXAMPLES]),
-            P.TRAIN_LOSS: P.encode_vector([out.get(P.TRAIN_LOSS, np.nan)])[0],
-            P.TRAIN_TIME: float(train_s),
-            P.DOWN_TIME: float(down_s),
-            P.UP_TIME: float(up_s),
-            P.BYTES_DOWN: int(bytes_down),
-            P.BYTES_UP: int(bytes_up),
-            P.HIST: P.encode_vector(hist),
-            P.GATE_SHARE: P.encode_vector(gate),
-            P.TOKENS: P.encode_vector(token_counts if len(token_counts) == k else np.zeros(k)),
-            P.EXPERT_LOSS: P.encode_vector(out.get(P.EXPERT_LOSS, np.full(k, np.nan))),
-        }
+    expert_loss = out.get(P.EXPERT_LOSS)
+    report = core.ClientReport(
+        num_examples=out[P.NUM_EXAMPLES], train_loss=out[P.TRAIN_LOSS], down_s=down_s, train_s=train_s, up_s=up_s,
+        hist=hist, gate=gate, tokens=token_counts if len(token_counts) == k else np.zeros(k),
+        expert_loss=np.full(k, np.nan) if expert_loss is None else np.asarray(expert_loss, dtype=np.float64),
+        metrics=out["metrics"],
     )
-    content = RecordDict({P.ARRAYS: to_array_record(sent), P.REPORT: report, P.PROFILE: ConfigRecord(profile)})
+    content = RecordDict({P.ARRAYS: sent, P.REPORT: P.encode_report(report)})
     return Message(content, reply_to=msg)
 
 
-def expert_probe(msg: Message, model: torch.nn.Module, *, profile: dict, stats_inputs: np.ndarray | None) -> Message:
+def _eval_result(out) -> tuple[int | None, dict]:
+    """An evaluate function's return as ``(num_examples, scalars)``: a float loss, a
+    ``(loss, n)`` or ``(loss, n, metrics)`` tuple, or a dict with ``num-examples``."""
+    if isinstance(out, (float, int)) and not isinstance(out, bool):
+        return None, {"loss": float(out)}
+    if isinstance(out, tuple) and len(out) in (2, 3):
+        extra = dict(out[2]) if len(out) == 3 else {}
+        return int(out[1]), {"loss": float(out[0]), **{k: float(v) for k, v in extra.items()}}
+    if isinstance(out, dict):
+        scalars = {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        n = scalars.pop(P.NUM_EXAMPLES, None)
+        return (None if n is None else int(n)), scalars
+    raise TypeError(f"eval_fn returned a {type(out).__name__}; expected a float loss, a (loss, n[, metrics]) tuple or a dict")
+
+
+@torch.no_grad()
+def expert_evaluate(msg: Message, model: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], float | tuple | dict],
+                    *, num_examples: int | None = None) -> Message:
+    """Evaluate the sub-model an EVALUATE message assigns (absent experts masked) with your
+    own ``eval_fn(model)`` and build the reply (``metrics``: ``num-examples`` and the scalars).
+
+    ``num_examples`` stands in when ``eval_fn`` does not return one.
+    """
+    load_assigned(msg, model)
+    n, scalars = _eval_result(eval_fn(model))
+    n = n if n is not None else num_examples
+    if n is None or n <= 0:
+        raise ValueError("expert_evaluate needs the number of examples: return (loss, n) or pass num_examples=")
+    return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: int(n), **scalars})}), reply_to=msg)
+
+
+def expert_probe(msg: Message, model: torch.nn.Module, *, profile: P.NodeProfile, stats_inputs: np.ndarray | None) -> Message:
     """The QUERY reply: the node's profile and, if asked, its routing histogram."""
-    content = RecordDict({P.PROFILE: ConfigRecord(profile)})
+    content = RecordDict({P.PROFILE: profile.encode()})
     if bool(msg.content[P.CONFIG].get("probe", False)) and stats_inputs is not None and P.ARRAYS in msg.content:
         received = from_array_record(msg.content[P.ARRAYS])
         model.load_state_dict(received, strict=False)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmoe_flwr.models import aux_loss, moe_layers
+from fedmoe_flwr.models.evaluate import _per_sample_loss
 
 
 @dataclass
@@ -24,23 +25,6 @@ class LocalResult:
     train_loss: float
     tokens: np.ndarray  # [K] tokens routed to each expert during training
     expert_loss: np.ndarray  # [K] mean loss of samples routed to each expert; NaN if none
-
-
-def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample; sequence targets [B, T] are averaged over positions."""
-    if logits.dim() == 3 and y.dim() == 1:  # LM predicting one next char: last position
-        logits = logits[:, -1]
-    if logits.dim() == 3:
-        b, t, v = logits.shape
-        return F.cross_entropy(logits.reshape(b * t, v), y.reshape(b * t), reduction="none").view(b, t).mean(1)
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
-    if logits.dim() == 3 and y.dim() == 1:
-        logits = logits[:, -1]
-    pred = logits.argmax(-1)
-    return int((pred == y).sum()), int(y.numel())
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None, max_batches: int | None = None):
@@ -145,21 +129,3 @@ def routing_stats(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) 
     if not hist:
         return np.zeros(0), np.zeros(0)
     return torch.cat(hist).numpy(), torch.cat(gate).numpy()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> tuple[float, float, int]:
-    """``(loss, accuracy, n)`` of the model as it is (its current expert mask applies)."""
-    model.eval()
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    loss, correct, count = 0.0, 0, 0
-    for i in range(0, len(xt), batch_size):
-        logits = model(xt[i : i + batch_size])
-        yb = yt[i : i + batch_size]
-        loss += float(_per_sample_loss(logits, yb).sum())
-        c, n = _correct(logits, yb)
-        correct += c
-        count += n
-    model.train()
-    n = len(xt)
-    return loss / max(n, 1), correct / max(count, 1), n

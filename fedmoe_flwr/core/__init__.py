@@ -1,82 +1,84 @@
-"""The alignment core: pure functions over plain data (DESIGN §3-§6).
+"""The alignment core: pure functions over plain data (docs/architecture.md).
 
-profiles -> fitness -> load -> assign -> aggregate -> state. Numpy and scipy only: this
+profiles -> fitness -> load -> assign -> aggregate -> state; :func:`apply_round` is the
+server half of one round over all of them. Numpy and scipy only: this
 package imports neither Flower, Hydra/OmegaConf nor torch, so it is unit-tested in
 milliseconds and reusable outside Flower.
 """
 
-from .aggregate import ClientUpdate, ServerOptState, aggregate_experts, server_step
-from .assign import (
-    AssignmentResult,
-    assign_experts,
-    assign_full,
-    assign_random,
-    assign_topk,
-    bench_solver,
-    capacity_in_experts,
-)
-from .fitness import (
-    FitnessState,
-    exploration_bonus,
-    fitness_signal,
-    grow_fitness,
-    init_fitness,
-    solver_score,
-    update_fitness,
-)
-from .load import LoadState, coverage_bounds, init_load, load_cv, round_load, staleness, update_load
-from .profiles import ClientProfile, expert_time_costs, update_profile, update_profiles
-from .state import (
-    AlignmentState,
-    advance_round,
-    client_rows,
-    ensure_client,
-    ensure_clients,
-    init_state,
-    state_from_dict,
-    state_to_dict,
-)
-from .validate import expected_names, validate_report, validate_update
+from __future__ import annotations
 
-__all__ = [
-    "AlignmentState",
-    "AssignmentResult",
-    "ClientProfile",
-    "ClientUpdate",
-    "FitnessState",
-    "LoadState",
-    "ServerOptState",
-    "advance_round",
-    "aggregate_experts",
-    "assign_experts",
-    "assign_full",
-    "assign_random",
-    "assign_topk",
-    "bench_solver",
-    "capacity_in_experts",
-    "client_rows",
-    "coverage_bounds",
-    "ensure_client",
-    "ensure_clients",
-    "expected_names",
-    "expert_time_costs",
-    "exploration_bonus",
-    "fitness_signal",
-    "grow_fitness",
-    "init_fitness",
-    "init_load",
-    "init_state",
-    "load_cv",
-    "round_load",
-    "server_step",
-    "solver_score",
-    "staleness",
-    "state_from_dict",
-    "state_to_dict",
-    "update_fitness",
-    "update_load",
-    "update_profile",
-    "update_profiles",
-    "validate_report",
-    "validate_update",
-]
+import importlib
+
+_HOME = {
+    "AlignmentState": "state",
+    "AssignmentProblem": "problem",
+    "AssignmentResult": "assign",
+    "ClientProfile": "profiles",
+    "ClientReport": "round",
+    "ClientUpdate": "aggregate",
+    "FitnessSettings": "fitness",
+    "FitnessState": "fitness",
+    "LoadState": "load",
+    "Received": "round",
+    "RoundCost": "accounting",
+    "RoundInputs": "round",
+    "RoundSettings": "round",
+    "RoundStats": "round",
+    "Sent": "round",
+    "ServerOptState": "aggregate",
+    "advance_round": "state",
+    "aggregate_experts": "aggregate",
+    "apply_round": "round",
+    "assign_by_layer": "problem",
+    "assign_experts": "assign",
+    "assign_full": "assign",
+    "assign_random": "assign",
+    "assign_topk": "assign",
+    "bench_solver": "assign",
+    "build_problem": "problem",
+    "capacity_in_experts": "assign",
+    "check_reply": "round",
+    "client_rows": "state",
+    "coverage_bounds": "load",
+    "ensure_client": "state",
+    "ensure_clients": "state",
+    "expected_names": "validate",
+    "expert_time_costs": "profiles",
+    "exploration_bonus": "fitness",
+    "fitness_signal": "fitness",
+    "grow_fitness": "fitness",
+    "init_fitness": "fitness",
+    "init_load": "load",
+    "init_state": "state",
+    "load_cv": "load",
+    "observe_fitness": "round",
+    "round_cost": "accounting",
+    "round_load": "load",
+    "server_step": "aggregate",
+    "solver_score": "fitness",
+    "staleness": "load",
+    "state_from_dict": "state",
+    "state_to_dict": "state",
+    "update_fitness": "fitness",
+    "update_load": "load",
+    "update_profile": "profiles",
+    "update_profiles": "profiles",
+    "validate_report": "validate",
+    "validate_update": "validate",
+}
+"""Public name -> the submodule that defines it."""
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

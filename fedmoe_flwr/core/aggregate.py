@@ -1,4 +1,4 @@
-"""Per-expert aggregation and server optimizers (DESIGN §6).
+"""Per-expert aggregation and server optimizers (docs/architecture.md#aggregation).
 
 Tensors are plain ``dict[str, np.ndarray]`` keyed by state-dict name; a
 :class:`~fedmoe_flwr.layout.ParamLayout` says which names are shared, routers or experts.
@@ -57,7 +57,7 @@ def _contributions(global_params, updates, layout, weighting, clip_norm, clipped
     ``clip_norm`` scales each client's whole delta (all its counted tensors) to norm <=
     clip_norm; ids of clipped clients are appended to ``clipped``.
     """
-    owner = {n: k for k, names in layout.expert_params.items() for n in names}
+    owner = layout.expert_of
     for u in updates:
         unknown = [n for n in u.params if n not in global_params]
         if unknown:

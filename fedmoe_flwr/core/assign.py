@@ -1,4 +1,4 @@
-"""Expert assignment: the exact optimisation of DESIGN §5, plus the baselines' helpers.
+"""Expert assignment: the exact optimisation of docs/architecture.md#assignment, plus the baselines' helpers.
 
 :func:`assign_experts` maximises ``sum score[c, k] x[c, k]`` over binary ``x`` subject to
 

@@ -1,4 +1,4 @@
-"""Client-expert fitness ``Q[c, k]``: signals, smoothing and exploration (DESIGN §4).
+"""Client-expert fitness ``Q[c, k]``: signals, smoothing and exploration (docs/architecture.md#fitness).
 
 Rows are clients (stable row indices kept by :mod:`fedmoe_flwr.core.state`), columns are
 experts in ``ParamLayout.expert_keys`` order. All functions are pure and return new arrays.
@@ -7,6 +7,7 @@ experts in ``ParamLayout.expert_keys`` order. All functions are pure and return 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -36,6 +37,23 @@ class FitnessState:
     @property
     def num_experts(self) -> int:
         return int(self.Q.shape[1])
+
+
+@dataclass
+class FitnessSettings:
+    """How per-pair signals become fitness (docs/architecture.md#fitness).
+
+    The strategy config (:class:`fedmoe_flwr.config.StrategyConfig`) extends this class, so
+    each setting is declared once and keeps its name from the command line to the core.
+    """
+
+    w_hist: float = 1.0  # weight of the top-1 routing histogram share
+    w_gate: float = 0.0  # weight of the gate-mass share
+    w_loss: float = 0.0  # weight of exp(-loss_alpha * expert loss)
+    loss_alpha: float = 1.0
+    beta: float = 0.5  # EMA step of Q
+    kappa: float = 0.0  # UCB exploration; off until a benchmark shows it helps
+    anneal_rounds: Optional[int] = 50  # exploration anneals to 0 over these rounds
 
 
 def default_q0(num_experts: int) -> float:

@@ -1,4 +1,4 @@
-"""Expert load: counts, staleness, dual prices and coverage bands (DESIGN §4, §5).
+"""Expert load: counts, staleness, dual prices and coverage bands (docs/architecture.md#load).
 
 How ``band`` (:func:`coverage_bounds`) and ``price`` (:func:`update_load`) work together:
 
@@ -125,12 +125,10 @@ def load_cv(counts: np.ndarray) -> float:
     0 for a perfectly balanced load and for an all-zero load.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    if counts.size == 0:
+    if counts.size == 0 or not counts.any():
         return 0.0
-    mean = float(counts.mean())
-    if mean == 0.0:
-        return 0.0
-    return float(counts.std() / mean)
+    counts = counts / np.abs(counts).max()  # scale first: squares of tiny counts underflow
+    return float(counts.std() / counts.mean())
 
 
 def coverage_bounds(num_slots: int, num_experts: int, band: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

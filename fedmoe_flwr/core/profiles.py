@@ -1,4 +1,4 @@
-"""Client profiles: what the server knows of a client's capacity (DESIGN §1, §4).
+"""Client profiles: what the server knows of a client's capacity (docs/architecture.md#profiles).
 
 A profile keeps *declared* values (from the fleet config or ``node_config``) apart from
 *measured* ones (exponential moving averages of what rounds showed). The ``effective_*``
@@ -172,7 +172,7 @@ def expert_time_costs(
     *,
     expert_compute_frac: float = 0.0,
 ) -> tuple[float, np.ndarray]:
-    """The linear round-time model used by the deadline constraint (DESIGN §5).
+    """The linear round-time model used by the deadline constraint (docs/architecture.md#assignment).
 
     ``time_c(x) = fixed_s + sum_k per_expert_s[k] * x[k]`` with
 

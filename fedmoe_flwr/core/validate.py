@@ -1,4 +1,4 @@
-"""Validation of client replies before aggregation (DESIGN §3 step 6).
+"""Validation of client replies before aggregation (docs/architecture.md#one-round).
 
 Each check returns ``(ok, reason)``; ``reason`` names the problem (and the tensor or
 expert) so the strategy can log and drop the reply. Nothing here raises on bad input.
@@ -19,12 +19,6 @@ __all__ = ["expected_names", "validate_report", "validate_update"]
 def expected_names(layout: ParamLayout, held) -> set[str]:
     """Tensor names a client holding experts ``held`` must return: shared + those experts'."""
     return set(layout.param_names(held))
-
-
-def _owner(layout: ParamLayout | None) -> dict[str, str]:
-    if layout is None:
-        return {}
-    return {n: k for k, names in layout.expert_params.items() for n in names}
 
 
 def validate_update(
@@ -54,7 +48,7 @@ def validate_update(
     extra = sorted(names - set(expected_names))
     if extra:
         n = extra[0]
-        owner = _owner(layout).get(n)
+        owner = layout.expert_of.get(n) if layout is not None else None
         if n not in reference:
             what = "unknown tensor"
         elif owner is not None:

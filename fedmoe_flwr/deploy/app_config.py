@@ -22,11 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-RUN_KEYS: dict[str, object] = {
-    "output-dir": "",  # where the ServerApp writes metrics.jsonl, summary.json, messages.jsonl ("" = nowhere)
-    "round-timeout": 0.0,  # seconds a round waits for replies (0 = the ServerApp's default, 3600)
-}
-"""Run-level keys (not part of :class:`~fedmoe_flwr.config.Config`) and their defaults."""
+from fedmoe_flwr.config import RUN_KEYS  # noqa: E402 - the run-level keys live beside the schema
 
 SECTION = "tool.flwr.app.config"
 

@@ -26,10 +26,6 @@ from flwr.serverapp import Grid
 from fedmoe_flwr import protocol as P
 
 
-def _nbytes(a) -> int:
-    return int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
-
-
 class DeploymentGrid(Grid):
     """Delegates to ``grid``; caps reply timeouts and logs messages (see module doc).
 
@@ -116,7 +112,7 @@ class DeploymentGrid(Grid):
             "type": str(m.metadata.message_type),
             "round": int(conf.get("server-round", 0)) if conf else 0,
             "node": node,
-            "bytes": int(sum(_nbytes(a) for a in arrays.values())) if arrays is not None else 0,
+            "bytes": P.record_nbytes(arrays),
             "tensors": len(arrays) if arrays is not None else 0,
             "experts": experts,
             **self.clients.get(node, {}),
@@ -139,10 +135,10 @@ class DeploymentGrid(Grid):
             self.clients[node] = info
         if not r.has_error() and P.REPORT in r.content.metric_records:
             rep = r.content[P.REPORT]
-            for key, name in ((P.TRAIN_TIME, "train_time_s"), (P.DOWN_TIME, "down_time_s"),
-                              (P.UP_TIME, "up_time_s"), (P.BYTES_UP, "bytes_up")):
+            for key, name in ((P.TRAIN_TIME, "train_time_s"), (P.DOWN_TIME, "down_time_s"), (P.UP_TIME, "up_time_s")):
                 if key in rep:
                     row[name] = float(rep[key])
+            row["bytes_up"] = P.record_nbytes(r.content[P.ARRAYS]) if P.ARRAYS in r.content.array_records else 0
         row.update(self.clients.get(node, {}))
         self._write(row)
 

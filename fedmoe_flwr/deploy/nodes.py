@@ -16,7 +16,7 @@ import sys
 
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.config import Config
-from fedmoe_flwr.fleet import DeviceTier, device_profile
+from fedmoe_flwr.fleet import device_profile
 
 
 def fleet_node_configs(cfg: Config, *, speeds: bool = True) -> list[dict]:
@@ -29,7 +29,7 @@ def fleet_node_configs(cfg: Config, *, speeds: bool = True) -> list[dict]:
     from fedmoe_flwr.experiment import experiment_for
 
     cfg, _, _, layout = experiment_for(cfg)
-    tiers = [DeviceTier(**vars(t)) for t in cfg.fleet.tiers]
+    tiers = list(cfg.fleet.tiers)
     expert_bytes = max((layout.expert_nbytes(k) for k in layout.expert_keys), default=0)
     n = cfg.dataset.num_clients
     out = []

@@ -40,9 +40,9 @@ def overhead_config(clients: int, rounds: int) -> Config:
     cfg.fleet.deadline_s = None
     cfg.fleet.jitter = 0.0
     cfg.fleet.tiers = [
-        TierConfig(name="small", fraction=1 / 3, experts=1),
-        TierConfig(name="mid", fraction=1 / 3, experts=2),
-        TierConfig(name="large", fraction=1 / 3, experts=-1),
+        TierConfig(name="small", fraction=1 / 3, max_experts=1),
+        TierConfig(name="mid", fraction=1 / 3, max_experts=2),
+        TierConfig(name="large", fraction=1 / 3, max_experts=-1),
     ]
     cfg.train.local_epochs = 1
     return cfg

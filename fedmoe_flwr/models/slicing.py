@@ -51,10 +51,7 @@ def param_layout(model: nn.Module) -> ParamLayout:
 
 def _owner_map(layout: ParamLayout) -> dict[str, str | None]:
     """name -> expert key (None for shared names)."""
-    owner: dict[str, str | None] = {n: None for n in layout.shared_params}
-    for key, names in layout.expert_params.items():
-        owner.update((n, key) for n in names)
-    return owner
+    return {**{n: None for n in layout.shared_params}, **layout.expert_of}
 
 
 def _check_keys(keys: Iterable[str], layout: ParamLayout) -> set[str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fedmoe_flwr import core
-from strategies.base import ExpertStrategy
-from strategies.problem import AssignmentProblem
+from fedmoe_flwr.strategies.base import ExpertStrategy
+from fedmoe_flwr.core import AssignmentProblem
 
 
 class FullStrategy(ExpertStrategy):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from fedmoe_flwr import core
-from strategies.base import ExpertStrategy
-from strategies.problem import AssignmentProblem
+from fedmoe_flwr.strategies.base import ExpertStrategy
+from fedmoe_flwr.core import AssignmentProblem
 
 
 class GreedyStrategy(ExpertStrategy):
@@ -14,5 +14,5 @@ class GreedyStrategy(ExpertStrategy):
 
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
         t0 = time.perf_counter()
-        x = core.assign_topk(problem.scores(self.state.fitness.Q), problem.k_cap)
+        x = core.assign_topk(problem.scores(self.state.fitness.Q), problem.max_experts)
         return core.AssignmentResult(x=x, status="greedy", solve_time_s=time.perf_counter() - t0, objective=0.0, mip_gap=None)

@@ -1,4 +1,4 @@
-"""``aligned``: client-expert alignment (DESIGN.md §2-§6).
+"""``aligned``: client-expert alignment (docs/architecture.md).
 
 Fitness from the clients' routing histograms (optionally gate share and loss feedback,
 optionally UCB exploration), measured capacity profiles, a round deadline, per-expert load
@@ -7,11 +7,13 @@ bounds with dual prices, and an exact assignment by HiGHS each round.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from fedmoe_flwr import core
-from strategies.base import ExpertStrategy
-from strategies.problem import AssignmentProblem
+from fedmoe_flwr.strategies.base import ExpertStrategy
+from fedmoe_flwr.core import AssignmentProblem
 
 
 class AlignedStrategy(ExpertStrategy):
@@ -34,18 +36,18 @@ class AlignedStrategy(ExpertStrategy):
     def __init__(self, layout, *, band: float = 0.0, price_step: float = 0.0, use_deadline: bool = True,
                  deadline_slack: float = 0.9, pace_margin: float = 1.2, **kwargs):
         super().__init__(layout, **kwargs)
+        self.settings = replace(self.settings, price_step=price_step)
         self.deadline_slack = deadline_slack
         self.pace_margin = pace_margin
         self.band = band
-        self.price_step = price_step
         self.use_deadline = use_deadline
 
     def assign(self, problem: AssignmentProblem) -> core.AssignmentResult:
         f = self.fitness
-        price = self.state.load.price if self.price_step > 0 else None
+        price = self.state.load.price if self.settings.price_step > 0 else None
         score = core.solver_score(self.state.fitness, problem.rows, price, kappa=f.kappa, anneal_rounds=f.anneal_rounds)
         score = score[:, problem.cols]
-        lo, hi = core.coverage_bounds(int(problem.k_cap.sum()), len(problem.cols), self.band)
+        lo, hi = core.coverage_bounds(int(problem.max_experts.sum()), len(problem.cols), self.band)
         deadline = problem.deadline * self.deadline_slack if (self.use_deadline and problem.deadline) else None
         return core.assign_experts(
             score,
@@ -68,19 +70,14 @@ class AlignedStrategy(ExpertStrategy):
         if not (self.use_deadline and self.deadline_s) or not nodes:
             return nodes
         problem = self._problem(server_round, nodes)
-        fastest = problem.time_fixed + problem.time_per_expert.min(axis=1)
-        ok = (fastest <= self.deadline_s * self.deadline_slack) & (problem.k_cap > 0)
+        ok = (problem.fastest_time() <= self.deadline_s * self.deadline_slack) & (problem.max_experts > 0)
         kept = [n for n, keep in zip(nodes, ok) if keep]
         return kept if len(kept) >= self.min_train_nodes else nodes
 
     def round_close(self, problem: AssignmentProblem, x: np.ndarray) -> float | None:
-        profiles = [self.state.profiles[c] for c in problem.client_ids]
-        known = all(p.samples_per_s is not None or p.declared_samples_per_s is not None for p in profiles)
-        if self.pace_margin <= 0 or not len(x) or not known:  # no basis for a prediction yet
+        """``pace_margin`` x the slowest predicted reply, once every prediction rests on a
+        measured (or declared) speed and a known data size; else the deadline."""
+        if self.pace_margin <= 0 or not len(x) or not problem.measured.all():
             return self.deadline_s
-        predicted = problem.time_fixed + (problem.time_per_expert * x).sum(axis=1)
-        close = self.pace_margin * float(predicted.max())
+        close = self.pace_margin * float(problem.predicted_time(x).max())
         return close if self.deadline_s is None else min(close, self.deadline_s)
-
-    def load_update_kwargs(self) -> dict:
-        return {"price_step": self.price_step}

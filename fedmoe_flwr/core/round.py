@@ -1,0 +1,245 @@
+"""The server half of one round as one pure function (docs/architecture.md#one-round).
+
+``apply_round(state, params, layout, inputs, settings) -> (state, params, stats)``, in the
+style of fedjax's ``apply``: the Flower adapter decodes the replies
+(:mod:`fedmoe_flwr.protocol`) and hands them here; everything the round decides happens
+below, in this order:
+
+1. classify each cohort client: no reply or an error -> dropped; an update that fails
+   validation -> rejected (with its reason); a reply slower than the round's close ->
+   dropped; else accepted;
+2. aggregate the accepted updates per expert and take the server-optimizer step;
+3. fold the round into profiles (every cohort client), fitness (accepted clients) and load;
+4. account bytes and simulated time (:func:`~fedmoe_flwr.core.accounting.round_cost`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import numpy as np
+
+from ..layout import ParamLayout
+from .accounting import round_cost
+from .aggregate import ClientUpdate, aggregate_experts, server_step
+from .fitness import FitnessSettings, fitness_signal, update_fitness
+from .load import load_cv, round_load, update_load
+from .profiles import update_profiles
+from .state import AlignmentState, advance_round
+from .validate import validate_report, validate_update
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """One TRAIN reply's statistics, decoded (:func:`fedmoe_flwr.protocol.decode_report`).
+
+    Per-expert vectors are ``[K]`` in ``ParamLayout.expert_keys`` order, NaN where nothing
+    was observed. ``metrics`` are the user's own scalars, passed through.
+    """
+
+    num_examples: int
+    train_loss: float
+    down_s: float
+    train_s: float
+    up_s: float
+    hist: np.ndarray
+    gate: np.ndarray
+    tokens: np.ndarray
+    expert_loss: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """The client's whole round: download, compute and upload."""
+        return self.down_s + self.train_s + self.up_s
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one cohort client was sent: its experts and the bytes of its TRAIN message."""
+
+    client_id: str
+    experts: tuple[str, ...]
+    bytes_down: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """A decoded TRAIN reply: trained tensor values, its report, the bytes it carried."""
+
+    params: dict[str, np.ndarray]
+    report: ClientReport
+    bytes_up: int
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What the server has at the end of a round, keyed by client id.
+
+    ``failed`` holds clients whose reply was an error (dropped), ``malformed`` those whose
+    reply could not be decoded (rejected); a sent client in none of the maps timed out.
+    ``close_s`` is when the server stopped waiting (None = it waited for every reply).
+    """
+
+    round: int
+    sent: Mapping[str, Sent]
+    received: Mapping[str, Received]
+    failed: Mapping[str, str] = field(default_factory=dict)
+    malformed: Mapping[str, str] = field(default_factory=dict)
+    close_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """How a round folds replies into the state (set once per strategy)."""
+
+    fitness: FitnessSettings = field(default_factory=FitnessSettings)
+    norm_bound: float | None = None
+    server_opt: str = "avg"
+    server_lr: float = 1.0
+    profile_ema: float = 0.3
+    price_step: float = 0.0
+    local_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What a round did: who was aggregated, who was not and why, and what it cost."""
+
+    accepted: tuple[str, ...]
+    rejected: dict[str, str]
+    dropped: dict[str, str]
+    bytes_down: int
+    bytes_up: int
+    sim_time_s: float
+    train_loss: float | None
+    client_metrics: dict[str, float]
+
+    def metrics(self, state: AlignmentState) -> dict[str, float]:
+        """The server-side figures of the round (the run's metrics rows)."""
+        out = {
+            "bytes_down": float(self.bytes_down), "bytes_up": float(self.bytes_up),
+            "sim_round_time_s": float(self.sim_time_s),
+            "load_cv": load_cv(state.load.clients_last), "token_load_cv": load_cv(state.load.tokens_last),
+            "num_aggregated": float(len(self.accepted)),
+            "num_dropped": float(len(self.dropped)), "num_rejected": float(len(self.rejected)),
+            "experts_trained_total": float((state.load.clients_total > 0).sum()),
+        }
+        if self.train_loss is not None:
+            out["train_loss"] = self.train_loss
+        return out
+
+
+def observe_fitness(state: AlignmentState, client_id: str, hist, gate, loss, trained: np.ndarray,
+                    settings: FitnessSettings) -> AlignmentState:
+    """Fold one client's per-expert signals into its fitness row (docs/architecture.md#fitness).
+
+    Entries are renormalised over the signals observed there: the loss of an expert the
+    client did not train is missing, its histogram entry still updates the pair.
+    """
+    f = settings
+    sig = fitness_signal(hist, gate, loss, w_hist=f.w_hist, w_gate=f.w_gate, w_loss=f.w_loss,
+                         alpha=f.loss_alpha, renormalise=True)
+    row = state.client_index[client_id]
+    fitness = update_fitness(state.fitness, row, np.nan_to_num(sig), trained, observed_mask=np.isfinite(sig), beta=f.beta)
+    return replace(state, fitness=fitness)
+
+
+def check_reply(reply: Received, sent: Sent, params: Mapping[str, np.ndarray], layout: ParamLayout,
+                norm_bound: float | None) -> str | None:
+    """Why a decoded reply must not be aggregated, or None when it may."""
+    ok, why = validate_update(reply.params, expected_names=set(layout.param_names(sent.experts)),
+                              reference=params, norm_bound=norm_bound, layout=layout)
+    if not ok:
+        return why
+    ok, why = validate_report(_token_map(reply, sent, layout), held=sent.experts, num_samples=reply.report.num_examples)
+    return None if ok else why
+
+
+def _token_map(reply: Received, sent: Sent, layout: ParamLayout) -> dict[str, float]:
+    held = set(sent.experts)
+    return {k: float(t) for k, t in zip(layout.expert_keys, reply.report.tokens) if k in held}
+
+
+def _weighted_mean(values: list[float], weights: list[float]) -> float | None:
+    pairs = [(v, w) for v, w in zip(values, weights) if math.isfinite(v)]
+    if not pairs or sum(w for _, w in pairs) <= 0:
+        return None
+    return float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs]))
+
+
+def _client_metrics(reports: list[ClientReport]) -> dict[str, float]:
+    """Each user metric every accepted client reported, weighted by examples (as FedAvg)."""
+    if not reports:
+        return {}
+    keys = set.intersection(*(set(r.metrics) for r in reports))
+    weights = [float(r.num_examples) for r in reports]
+    return {k: _weighted_mean([r.metrics[k] for r in reports], weights) for k in sorted(keys)}
+
+
+def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout: ParamLayout,
+                inputs: RoundInputs, settings: RoundSettings):
+    """The server half of one round (module doc). Returns ``(state, new_params | None, stats)``.
+
+    ``new_params`` is None when nothing was aggregated (the global model stays as it is).
+    Clients are visited in client-id order, so floating-point sums do not depend on the
+    order replies arrived in.
+    """
+    rejected, dropped = dict(inputs.malformed), dict(inputs.failed)
+    accepted: list[tuple[str, Received]] = []
+    observations: dict[str, dict] = {}
+    epochs = settings.local_epochs
+    for cid in sorted(inputs.sent):
+        sent, reply = inputs.sent[cid], inputs.received.get(cid)
+        if reply is None:
+            if cid not in rejected:
+                dropped.setdefault(cid, "no reply (timeout)")
+            observations[cid] = {"completed": False}
+            continue
+        why = check_reply(reply, sent, params, layout, settings.norm_bound)
+        if why is not None:
+            rejected[cid] = why
+            observations[cid] = {"completed": False}
+            continue
+        rep = reply.report
+        measured = dict(num_samples=rep.num_examples * epochs, train_time_s=rep.train_s, bytes_down=sent.bytes_down,
+                        down_time_s=rep.down_s, bytes_up=reply.bytes_up, up_time_s=rep.up_s)
+        late = inputs.close_s is not None and rep.seconds > inputs.close_s
+        if late:
+            dropped[cid] = f"missed the deadline ({rep.seconds:.1f} s > {inputs.close_s:.1f} s)"
+        else:
+            accepted.append((cid, reply))
+        observations[cid] = {**measured, "completed": not late}
+
+    new_params = None
+    updates = [ClientUpdate(client_id=cid, params=r.params, held=frozenset(inputs.sent[cid].experts),
+                            num_samples=r.report.num_examples, tokens=_token_map(r, inputs.sent[cid], layout))
+               for cid, r in accepted]
+    if updates:
+        _, delta, agg = aggregate_experts(dict(params), updates, layout)
+        new_params, opt_state = server_step(dict(params), delta, state.opt_state, kind=settings.server_opt,
+                                            lr=settings.server_lr, touched=set(agg["touched"]), row_masks=agg["row_masks"])
+        state = replace(state, opt_state=opt_state)
+
+    state = replace(state, profiles=update_profiles(state.profiles, observations, ema=settings.profile_ema))
+    keys = layout.expert_keys
+    for u, (cid, r) in zip(updates, accepted):
+        trained = np.array([k in u.held for k in keys])
+        loss = np.where(trained, r.report.expert_loss, np.nan)
+        state = observe_fitness(state, cid, r.report.hist, r.report.gate, loss, trained, settings.fitness)
+    tokens, clients = round_load([u.held for u in updates], [u.tokens for u in updates], keys)
+    load = update_load(state.load, tokens, clients, inputs.round, price_step=settings.price_step)
+    state = advance_round(replace(state, load=load), inputs.round)
+
+    reports = [r.report for _, r in accepted]
+    cost = round_cost([s.bytes_down for s in inputs.sent.values()], [(r.report.seconds, r.bytes_up) for _, r in accepted],
+                      inputs.close_s, incomplete=bool(dropped))
+    stats = RoundStats(
+        accepted=tuple(cid for cid, _ in accepted), rejected=rejected, dropped=dropped,
+        bytes_down=cost.bytes_down, bytes_up=cost.bytes_up, sim_time_s=cost.sim_time_s,
+        train_loss=_weighted_mean([r.train_loss for r in reports], [float(r.num_examples) for r in reports]),
+        client_metrics=_client_metrics(reports),
+    )
+    return state, new_params, stats

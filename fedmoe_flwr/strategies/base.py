@@ -1,0 +1,358 @@
+"""The Flower adapter shared by every expert-aware strategy.
+
+:class:`ExpertStrategy` is a ``flwr.serverapp.strategy.Strategy`` (Message API). Its hooks
+do the Flower work (sample nodes, build and decode messages); the alignment core does the
+thinking (:func:`fedmoe_flwr.core.apply_round`, docs/architecture.md#one-round):
+
+- ``configure_train``: sample the cohort (seeded by ``(seed, round)``), ask new nodes for
+  their profile with a QUERY message, call :meth:`ExpertStrategy.assign`, and send each node
+  an ``ArrayRecord`` with exactly the shared tensors and its experts.
+- ``aggregate_train``: decode the replies (:mod:`fedmoe_flwr.protocol`) and apply the round.
+
+Subclasses choose experts in :meth:`~ExpertStrategy.assign`; profile-aware ones may also
+narrow the cohort (:meth:`~ExpertStrategy.eligible_nodes`), close rounds early
+(:meth:`~ExpertStrategy.round_close`) and move load prices (``price_step``).
+All learning state is one :class:`~fedmoe_flwr.core.AlignmentState`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmoe_flwr import core
+from fedmoe_flwr import protocol as P
+from fedmoe_flwr.layout import ParamLayout
+from fedmoe_flwr.seeding import rng_for, sample_cohort
+from fedmoe_flwr.strategies.evaluation import personal_metrics
+from fedmoe_flwr.strategies.record import RoundLog
+
+
+@dataclass
+class _Cohort:
+    """The round in flight: node id -> what it was sent, and when the round closes."""
+
+    sent: dict[int, core.Sent] = field(default_factory=dict)
+    close_s: float | None = None
+    paced: bool = False  # close_s comes from the predicted pace, not the deadline
+
+
+class ExpertStrategy(Strategy):
+    """Expert-aware federated training of an MoE model (base of every fedmoe strategy).
+
+    Args:
+        layout: which tensors belong to which expert (``fedmoe_flwr.models.param_layout``).
+        fraction_train: fraction of connected nodes in each training cohort.
+        min_train_nodes: lower bound on the cohort size.
+        min_available_nodes: fewer connected nodes than this skips the round (logged).
+        fraction_evaluate: fraction of nodes for federated (personalised) evaluation, as in
+            Flower's FedAvg (default 1.0): each evaluates the experts :meth:`assign` would
+            give it on its held-out split. 0 disables federated evaluation.
+        seed: every random choice derives from ``(seed, round, client)``.
+        probe: QUERY new nodes for their routing histogram (cold-start fitness).
+        deadline_s: round deadline; replies slower than it are dropped and the
+            deadline-aware strategies keep assignments within it. None = no deadline.
+        norm_bound: updates whose delta norm exceeds it are rejected. None = no bound.
+        server_opt, server_lr: ``"avg"``, ``"fedadam"`` or ``"fedyogi"`` server step.
+        fitness: signal weights, smoothing and exploration (:class:`~fedmoe_flwr.core.FitnessSettings`).
+        profile_ema: smoothing of measured speeds and reliability.
+        train_config: extra settings sent in every TRAIN message (``local-epochs``, ``lr``...).
+        train_metrics_aggr_fn, evaluate_metrics_aggr_fn: ``(list[RecordDict], weight_key) ->
+            MetricRecord``, as in Flower's FedAvg; default: weighted mean by ``num-examples``.
+        query_timeout: seconds to wait for QUERY replies.
+        evaluate_every: federated evaluation runs on rounds divisible by this.
+    """
+
+    name = "expert"
+    price_step = 0.0  # the load monitor's dual-price step (aligned sets one)
+
+    def __init__(
+        self,
+        layout: ParamLayout,
+        *,
+        fraction_train: float = 0.5,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 1,
+        fraction_evaluate: float = 1.0,
+        seed: int = 0,
+        probe: bool = True,
+        deadline_s: float | None = None,
+        norm_bound: float | None = None,
+        server_opt: str = "avg",
+        server_lr: float = 1.0,
+        fitness: core.FitnessSettings | None = None,
+        profile_ema: float = 0.3,
+        train_config: dict | None = None,
+        train_metrics_aggr_fn: Callable | None = None,
+        evaluate_metrics_aggr_fn: Callable | None = None,
+        query_timeout: float = 600.0,
+        evaluate_every: int = 1,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if not layout.expert_keys:
+            raise ValueError(f"{type(self).__name__}: the model has no experts; see docs/architecture.md#models")
+        self.layout = layout
+        self.expert_keys = layout.expert_keys
+        self.expert_bytes = np.array([layout.expert_nbytes(k) for k in self.expert_keys], dtype=np.float64)
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.seed = seed
+        self.probe = probe
+        self.deadline_s = deadline_s
+        self.train_config = dict(train_config or {})
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
+        self.query_timeout = query_timeout
+        self.evaluate_every = max(1, int(evaluate_every))
+        self.settings = core.RoundSettings(
+            fitness=fitness or core.FitnessSettings(), norm_bound=norm_bound, server_opt=server_opt,
+            server_lr=server_lr, profile_ema=profile_ema, price_step=self.price_step,
+            local_epochs=int(self.train_config.get("local-epochs", 1)),
+        )
+        self.state = core.init_state(self.expert_keys)
+        self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id
+        self.num_examples: dict[str, int] = {}
+        self.sim_time_total = 0.0
+        self.bytes_total = 0
+        self.last = RoundLog()
+        self._cohort = _Cohort()
+        self._global: dict[str, np.ndarray] | None = None
+
+    @property
+    def fitness(self) -> core.FitnessSettings:
+        return self.settings.fitness
+
+    @property
+    def _sent(self) -> dict[int, core.Sent]:
+        return self._cohort.sent
+
+    @property
+    def _close(self) -> float | None:
+        return self._cohort.close_s
+
+    # ------------------------------------------------------------------ what subclasses change
+    def assign(self, problem: core.AssignmentProblem) -> core.AssignmentResult:
+        """Choose each cohort client's experts (``result.x``: [C, K] bool over ``problem.cols``)."""
+        raise NotImplementedError
+
+    def eligible_nodes(self, server_round: int, nodes: list[int]) -> list[int]:
+        """The nodes the cohort is drawn from (default: every known node)."""
+        return nodes
+
+    def round_close(self, problem: core.AssignmentProblem, x: np.ndarray) -> float | None:
+        """When the server stops waiting for this round's replies (s); None = for all."""
+        return self.deadline_s
+
+    def personal_experts(self, problem: core.AssignmentProblem) -> core.AssignmentResult:
+        """The experts a client would get for personalised evaluation (default: :meth:`assign`)."""
+        return self.assign(problem)
+
+    # ------------------------------------------------------------------ Flower hooks
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: %d experts, fraction_train %.2f, deadline %s s",
+            type(self).__name__, len(self.expert_keys), self.fraction_train, self.deadline_s)
+        log(INFO, "\t└──> fitness %s", self.fitness)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Sample a cohort, assign its experts, send each node the shared tensors and its experts."""
+        self._global = {name: arr.numpy() for name, arr in arrays.items()}
+        nodes = self.eligible_nodes(server_round, self._known_nodes(grid, arrays, server_round))
+        cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train")
+        self._cohort = _Cohort()
+        self.last = RoundLog()
+        if not cohort:
+            return []
+        problem = self._problem(server_round, cohort)
+        result = core.assign_by_layer(problem, self.assign, self.expert_keys)
+        close = self.round_close(problem, result.x)
+        self._cohort.close_s, self._cohort.paced = close, close is not None and close != self.deadline_s
+        self.last.metrics.update(solve_time_s=result.solve_time_s, assign_relaxed=float(len(result.relaxed)),
+                                 num_skipped=float((~result.x.any(axis=1)).sum()))
+        conf = {**self.train_config, **dict(config), "server-round": server_round}
+        messages = self._messages(cohort, problem.client_ids, result.x, arrays, conf, MessageType.TRAIN)
+        for msg, cid in messages:
+            keys = tuple(msg.content[P.CONFIG]["experts"])
+            self._cohort.sent[msg.metadata.dst_node_id] = core.Sent(cid, keys, P.record_nbytes(msg.content[P.ARRAYS]))
+            self.last.assignment[cid] = list(keys)
+        return [m for m, _ in messages]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode the replies, apply the round in the core, return the new model and client metrics."""
+        t0 = time.perf_counter()
+        inputs, contents = self._decode_train_replies(server_round, replies)
+        self.state, new_params, stats = core.apply_round(self.state, self._global, self.layout, inputs, self.settings)
+        for cid in stats.accepted:  # the server learns a node's data size from its replies
+            self.num_examples.setdefault(cid, inputs.received[cid].report.num_examples)
+        for cid, why in sorted({**stats.dropped, **stats.rejected}.items()):
+            log(INFO, "round %d: update of client %s not aggregated: %s", server_round, cid, why)
+        self._record(stats, t0)
+        if new_params is None:
+            return None, self._client_metrics(stats, contents)
+        self._global = new_params
+        return ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in new_params.items()}), self._client_metrics(stats, contents)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send sampled nodes the experts they would get, for evaluation on their held-out data."""
+        if self.fraction_evaluate <= 0 or server_round % self.evaluate_every:
+            return []
+        nodes = self._sample(self._known_nodes(grid, arrays, server_round), server_round, self.fraction_evaluate, 1, "evaluate")
+        if not nodes:
+            return []
+        problem = self._problem(server_round, nodes)
+        result = core.assign_by_layer(problem, self.personal_experts, self.expert_keys)
+        conf = {**dict(config), "server-round": server_round}
+        return [m for m, _ in self._messages(nodes, problem.client_ids, result.x, arrays, conf, MessageType.EVALUATE)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean of every scalar the clients report, ``personal_``-prefixed; failures counted."""
+        record, server = personal_metrics(list(replies), self.evaluate_metrics_aggr_fn)
+        self.last.metrics.update(server)
+        return record
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything the strategy learned, JSON-serialisable (with numpy arrays as lists)."""
+        alignment, arrays = core.state_to_dict(self.state)
+        return {
+            "alignment": alignment,
+            "alignment_arrays": {k: v.tolist() for k, v in arrays.items()},
+            "num_examples": dict(self.num_examples),
+            "sim_time_total": self.sim_time_total,
+            "bytes_total": self.bytes_total,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        arrays = {k: np.asarray(v) for k, v in d.get("alignment_arrays", {}).items()}
+        self.state = core.state_from_dict(d["alignment"], arrays)
+        self.num_examples = {k: int(v) for k, v in d["num_examples"].items()}
+        self.sim_time_total = float(d["sim_time_total"])
+        self.bytes_total = int(d["bytes_total"])
+
+    # ------------------------------------------------------------------ helpers
+    def _known_nodes(self, grid: Grid, arrays: ArrayRecord, rnd: int) -> list[int]:
+        """Connected nodes with a known profile, ordered by stable client id.
+
+        Nodes never seen get a QUERY (profile, and the routing histogram when probing);
+        nodes that do not answer, or answer with a malformed profile, are left out this round.
+        Ordering by client id keeps cohorts independent of Flower's random node ids.
+        """
+        nodes = [int(n) for n in grid.get_node_ids()]
+        new = [n for n in nodes if n not in self.node_clients]
+        if new:
+            content = {P.CONFIG: ConfigRecord({"probe": self.probe, "server-round": rnd})}
+            if self.probe:
+                content[P.ARRAYS] = ArrayRecord({n: arrays[n] for n in self.layout.param_names([])})
+            msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+            for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
+                self._register(reply)
+        known = [n for n in nodes if n in self.node_clients]
+        return sorted(known, key=lambda n: self.node_clients[n])
+
+    def _register(self, reply: Message) -> None:
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %s did not answer the profile query", node_id)
+            return
+        try:
+            prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
+        except P.ProtocolError as ex:
+            log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
+            return
+        self.node_clients[node_id] = prof.client_id
+        declared = core.ClientProfile(
+            memory_bytes=math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes,
+            compute_tier=prof.tier or None,
+            declared_samples_per_s=prof.samples_per_s,
+            declared_uplink_Bps=prof.uplink_Bps,
+            declared_downlink_Bps=prof.downlink_Bps,
+            declared_reliability=prof.reliability,
+        )
+        self.state, row = core.ensure_client(self.state, prof.client_id, declared)
+        if prof.num_examples:
+            self.num_examples[prof.client_id] = prof.num_examples
+        if hist is not None and not self.state.fitness.seen[row]:
+            trained = np.zeros(len(self.expert_keys), bool)
+            self.state = core.observe_fitness(self.state, prof.client_id, hist, gate, None, trained, self.fitness)
+
+    def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "round %d: %d nodes available, %d required; skipping %s", rnd, len(nodes), self.min_available_nodes, purpose)
+            return []
+        return sample_cohort(nodes, self.seed, purpose, rnd, fraction, minimum)
+
+    def _problem(self, rnd: int, nodes: list[int]) -> core.AssignmentProblem:
+        return core.build_problem(
+            self.state, [self.node_clients[n] for n in nodes], rnd=rnd, expert_bytes=self.expert_bytes,
+            shared_bytes=float(self.layout.shared_nbytes), num_examples=self.num_examples,
+            local_epochs=self.settings.local_epochs, deadline=self.deadline_s, rng=rng_for(self.seed, "assign", rnd),
+        )
+
+    def _messages(self, nodes, client_ids, x, arrays: ArrayRecord, conf: dict, kind: str) -> list[tuple[Message, str]]:
+        """One message per node with its experts; nodes given no expert get none (they cannot route)."""
+        out = []
+        for node_id, cid, row in zip(nodes, client_ids, x):
+            keys = [self.expert_keys[k] for k in np.flatnonzero(row)]
+            if not keys:
+                continue
+            record = ArrayRecord({n: arrays[n] for n in self.layout.param_names(keys)})
+            content = RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord({**conf, "experts": keys})})
+            out.append((Message(content, dst_node_id=node_id, message_type=kind), cid))
+        return out
+
+    def _decode_train_replies(self, rnd: int, replies: Iterable[Message]) -> tuple[core.RoundInputs, dict]:
+        """Decode each reply once; a reply nobody asked for, or a second one, is ignored (logged)."""
+        received, failed, malformed, contents = {}, {}, {}, {}
+        for msg in replies:
+            sent = self._cohort.sent.get(msg.metadata.src_node_id)
+            if sent is None or sent.client_id in contents:
+                log(WARNING, "round %d: reply from node %s %s; ignored", rnd, msg.metadata.src_node_id,
+                    "that was not sent a TRAIN message" if sent is None else "already answered")
+                continue
+            cid = sent.client_id
+            contents[cid] = None if msg.has_error() else msg.content
+            if msg.has_error():
+                failed[cid] = (msg.error.reason or "error").splitlines()[0][:200]
+                continue
+            try:
+                report = P.decode_report(msg.content, len(self.expert_keys))
+                received[cid] = core.Received(P.decode_arrays(msg.content), report, P.record_nbytes(msg.content[P.ARRAYS]))
+            except P.ProtocolError as ex:
+                malformed[cid] = f"malformed reply: {ex}"
+        close = self._cohort.close_s
+        if self._cohort.paced and received and all(r.report.seconds > close for r in received.values()):
+            log(WARNING, "round %d: every reply was slower than the predicted pace (%.1f s); waiting for %s instead",
+                rnd, close, "the deadline" if self.deadline_s is not None else "all replies")
+            close = self.deadline_s
+        sent = {s.client_id: s for s in self._cohort.sent.values()}
+        return core.RoundInputs(rnd, sent, received, failed, malformed, close), contents
+
+    def _client_metrics(self, stats: core.RoundStats, contents: dict) -> MetricRecord:
+        """Aggregated ClientApp-side train metrics: the train loss and the user's own scalars."""
+        if self.train_metrics_aggr_fn is not None:
+            good = [contents[c] for c in stats.accepted]
+            return self.train_metrics_aggr_fn(good, P.NUM_EXAMPLES) if good else MetricRecord()
+        out = dict(stats.client_metrics)
+        if stats.train_loss is not None:
+            out["train_loss"] = stats.train_loss
+        return MetricRecord(out)
+
+    def _record(self, stats: core.RoundStats, t0: float) -> None:
+        """The server-side figures of the round into :attr:`last` (read by the run recorder)."""
+        self.bytes_total += stats.bytes_down + stats.bytes_up
+        self.sim_time_total += stats.sim_time_s
+        self.last.metrics.update(stats.metrics(self.state))
+        self.last.metrics.update(bytes_total=float(self.bytes_total), sim_time_total_s=self.sim_time_total,
+                                 num_sent=float(len(self._cohort.sent)), aggregate_time_s=time.perf_counter() - t0)
+        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected))
