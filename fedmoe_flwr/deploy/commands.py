@@ -18,6 +18,7 @@ reach only its Fleet API, through :mod:`.fleet_gateway` on a public address
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fedmoe_flwr.deploy.tomlio import literal
@@ -35,9 +36,31 @@ def _program(name: str, bin_dir: str | Path | None) -> str:
     return str(Path(bin_dir) / name) if bin_dir is not None else name
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def node_config_arg(config: dict) -> str:
-    """``--node-config`` text: ``key=value`` pairs with TOML values, space separated."""
-    return " ".join(f"{k}={literal(v)}" for k, v in config.items())
+    """``--node-config`` text: ``key=value`` pairs with TOML values, space separated.
+
+    Flower splits the text with a regular expression that takes ``"..."`` or ``'...'`` without
+    escapes, so a string with a double quote is written as a TOML literal string ``'...'``; one
+    with both quote kinds (or a control character) cannot be passed and raises.
+    """
+    parts = []
+    for key, value in config.items():
+        if not _BARE_KEY.fullmatch(str(key)):
+            raise ValueError(f"node_config key {key!r}: --node-config takes bare keys (letters, digits, '-', '_')")
+        parts.append(f"{key}={_node_value(key, value)}")
+    return " ".join(parts)
+
+
+def _node_value(key: str, value) -> str:
+    if not (isinstance(value, str) and '"' in value):
+        return literal(value)
+    if "'" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"node_config {key}={value!r}: a --node-config string cannot hold both quote kinds "
+                         "or control characters")
+    return f"'{value}'"
 
 
 def superlink_argv(port: int = SUPERLINK_PORT, *, certs: dict | None = None, auth: bool = False,

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(args.superlink, ca=args.ssl_ca_certfile, insecure=args.insecure)
     print(f"Fleet gateway: {args.host}:{args.port} -> {args.superlink}{FLEET_PREFIX}*", flush=True)
+    # uvicorn's "Uvicorn running on ..." (info) says it listens; one access-log line per call would flood the log
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                log_level="warning")
+                log_level="info", access_log=False)
     return 0
 
 

@@ -19,6 +19,7 @@ The pieces live in their own modules and are importable from here too: processes
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from fedmoe_flwr.deploy.processes import (
 )
 
 _alive = alive  # the name this module had for it
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 __all__ = [
     "BIN", "QUIET_ENV", "FlwrCli", "LocalSimulation", "LoopbackFederation", "ManagedProcess", "RunResult", "alive",
@@ -136,7 +138,9 @@ class LoopbackFederation(FlwrCli):
                                         log_path=self.workdir / "superlink.log", cwd=self.workdir).start()
         if self.gateway:
             self.gateway_port = free_port()
-            self.fleet_gateway = ManagedProcess("fleet-gateway", self.gateway_argv(), env=self.env,
+            # the gateway runs the fedmoe_flwr imported here (a checkout need not be the installed one)
+            env = {**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, self.env.get("PYTHONPATH")]))}
+            self.fleet_gateway = ManagedProcess("fleet-gateway", self.gateway_argv(), env=env,
                                                 log_path=self.workdir / "fleet-gateway.log", cwd=self.workdir).start()
         self.superlink.wait_for_log("Uvicorn running", self.start_timeout)
         if self.fleet_gateway is not None:
