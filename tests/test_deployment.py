@@ -10,30 +10,42 @@ device, and the ServerApp's message log.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import re
+import shlex
+import socket
+import subprocess
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.config import flatten_dict, parse_config_args
 
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.client.app import make_client_app, simulated_device
 from fedmoe_flwr.config import Backend, Config, TierConfig, flatten, unflatten
-from fedmoe_flwr.deploy import app_config
+from fedmoe_flwr.deploy import app_config, commands, tomlio
+from fedmoe_flwr.deploy.federation import add_connection, connection
+from fedmoe_flwr.deploy.fleet_gateway import create_app as gateway_app
+from fedmoe_flwr.deploy.fleet_gateway import parser as gateway_parser
 from fedmoe_flwr.deploy.grid import DeploymentGrid, read_log
 from fedmoe_flwr.deploy.launcher import (
     LocalSimulation,
     LoopbackFederation,
+    free_port,
     make_node_key,
     node_config_arg,
     write_run_config,
 )
-from fedmoe_flwr.deploy.launcher import _alive as alive
+from fedmoe_flwr.deploy.processes import alive
 from fedmoe_flwr.deploy.nodes import fleet_node_configs
 from fedmoe_flwr.experiment import build, experiment_for
 from fedmoe_flwr.models.slicing import to_array_record
@@ -149,26 +161,70 @@ def test_loopback_deployment_equals_simulation(loopback, tmp_path):
         assert d.get("num_aggregated") == s.get("num_aggregated")
 
 
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: any routable address picks the interface
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(addr).is_loopback else addr
+
+
 @pytest.mark.slow
 def test_tls_and_supernode_authentication_on_loopback(tmp_path):
     cfg = deployment_config(rounds=2)
     nodes = fleet_node_configs(cfg, speeds=False)
     out = tmp_path / "out"
-    with LoopbackFederation(tmp_path, nodes, tls=True, auth=True) as fed:
+    with LoopbackFederation(tmp_path, nodes, tls=True, auth=True, gateway=True) as fed:
         # only registered keys may join, and only clients trusting the CA may connect
         intruder_key, _ = make_node_key(tmp_path / "keys", "intruder")
         intruder = fed.spawn_node(0, key=intruder_key, name="intruder")
-        (fed.home / "config.toml").write_text(
-            (fed.home / "config.toml").read_text() + f'\n[superlink.untrusted]\naddress = "127.0.0.1:{fed.port}"\n'
-        )
+        add_connection(fed.home, "untrusted", {"address": f"127.0.0.1:{fed.port}"})
         with pytest.raises(RuntimeError, match="unavailable"):
             fed.flwr("ls", "untrusted", "--format", "json")
+        # the devices' address (the gateway) serves no Control API: no self-registered keys
+        _, evil_pub = make_node_key(tmp_path / "keys", "evil")
+        add_connection(fed.home, "public", connection(fed.fleet_address, ca=fed.certs["ca"]))
+        with pytest.raises(RuntimeError, match="403 Forbidden"):
+            fed.flwr("supernode", "register", str(evil_pub), "public")
+        # and the SuperLink itself (Control API) is not reachable on another interface
+        if (addr := non_loopback_address()) is not None:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((addr, fed.port), timeout=5).close()
         result = fed.run(ROOT, run_config(cfg, out), timeout=540, done_file=out / "summary.json")
         intruder.proc.wait(timeout=60)
+        registered = json.loads(fed.flwr("supernode", "ls", fed.connection, "--format", "json"))["nodes"]
         pids = fed.pids()
     assert result.status == "finished:completed"
     check_run(out, cfg, nodes)
     assert intruder.proc.returncode != 0 and "Failed to activate SuperNode" in intruder.log(10**6)
+    assert len(registered) == len(nodes), "only the operator's registrations exist"
+    assert [p for p in pids if alive(p)] == []
+
+
+@pytest.mark.slow
+def test_the_runbooks_openssl_and_ssh_keygen_commands_make_working_credentials(tmp_path):
+    """docs/deployment.md's certificate block and ssh-keygen line, run as written; two nodes join."""
+    blocks = runbook_blocks()
+    certs_block = next(b for b in blocks if "openssl genrsa" in b)
+    subprocess.run(["bash", "-e", "-c", certs_block], cwd=tmp_path, check=True, capture_output=True)
+    keygen = next(line for b in blocks for line in b.splitlines() if line.startswith("ssh-keygen"))
+    (tmp_path / "keys").mkdir()
+    node_keys = []
+    for name in ("node0", "node1"):
+        argv = shlex.split(keygen.replace("phone-17", name), comments=True)
+        subprocess.run(argv, cwd=tmp_path, check=True, capture_output=True)
+        node_keys.append((tmp_path / "keys" / name, tmp_path / "keys" / f"{name}.pub"))
+    certs = {"ca": tmp_path / "certs" / "ca.crt", "cert": tmp_path / "certs" / "server.pem",
+             "key": tmp_path / "certs" / "server.key"}
+    nodes = [{"client-id": "a", "partition-id": 0}, {"client-id": "b", "partition-id": 1}]
+    with LoopbackFederation(tmp_path / "fed", nodes, tls=True, auth=True, gateway=True, certs=certs,
+                            node_keys=node_keys) as fed:
+        listed = json.loads(fed.flwr("supernode", "ls", fed.connection, "--format", "json"))["nodes"]
+        pids = fed.pids()
+    assert sorted(n["status"] for n in listed) == ["online", "online"]
     assert [p for p in pids if alive(p)] == []
 
 
@@ -288,3 +344,102 @@ def test_a_real_device_keeps_its_partition_in_context_state(monkeypatch):
     assert set(model2.state_dict()) == set(experiment_for(cfg)[2].state_dict())
     with pytest.raises(ValueError, match="partition 2"):
         cached.client_train(1)
+
+
+# ------------------------------------------------------------------------ the runbook's commands
+def runbook_blocks() -> list[str]:
+    """The ```bash blocks of docs/deployment.md."""
+    return re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "deployment.md").read_text(), re.S)
+
+
+def runbook_command(*prefix: str) -> list[str]:
+    """The one command of the runbook that starts with ``prefix``, as its argv."""
+    found = []
+    for block in runbook_blocks():
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[: len(prefix)] == list(prefix):
+                found.append(argv)
+    assert len(found) == 1, f"{prefix}: {len(found)} commands in docs/deployment.md"
+    return found[0]
+
+
+RUNBOOK_CERTS = {"ca": "certs/ca.crt", "cert": "certs/server.pem", "key": "certs/server.key"}
+
+
+def test_the_runbook_binds_the_fleet_api_publicly_and_the_control_api_to_loopback():
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+    superlink = runbook_command("flower-superlink")
+    gateway = runbook_command("python", "-m", commands.GATEWAY_MODULE)
+    node = runbook_command("flower-supernode")
+    # the runbook's commands are the launcher's (the loopback tests run these)
+    assert superlink == commands.superlink_argv(8000, certs=RUNBOOK_CERTS, auth=True, database="state.db")
+    assert gateway == commands.gateway_argv(9092, 8000, certs=RUNBOOK_CERTS)
+    declared = {"client-id": "phone-17", "partition-id": 17, "memory-mb": 0.09, P.DOWNLINK: 2.5e6, P.UPLINK: 6.25e5}
+    assert node == commands.supernode_argv("superlink.example.org:9092", declared, ca="certs/ca.crt", key="keys/phone-17")
+    # where each API listens, as the programs themselves parse their arguments
+    link = _parse_args_run_superlink().parse_args(superlink[1:])
+    gw = gateway_parser().parse_args(gateway[3:])
+    assert ipaddress.ip_address(link.host).is_loopback, "Control (and Runtime) API: this machine only"
+    assert link.enable_supernode_auth and not link.insecure
+    assert not ipaddress.ip_address(gw.host).is_loopback, "Fleet API: reachable from the devices"
+    assert (gw.host, gw.port) != (link.host, link.port) and gw.superlink == f"{link.host}:{link.port}"
+    assert node[node.index("--superlink") + 1].endswith(f":{gw.port}"), "SuperNodes connect to the gateway"
+    # the operator's connection is the Control API on loopback (through the SSH tunnel)
+    toml_block = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "deployment.md").read_text(), re.S).group(1)
+    conn = tomllib.loads(toml_block)["superlink"]["fedmoe-prod"]
+    assert conn["address"] == f"127.0.0.1:{link.port}"
+
+
+@pytest.mark.parametrize("tls,auth", [(False, False), (True, False), (True, True)])
+def test_the_launchers_superlink_serves_its_control_api_on_loopback_only(tmp_path, tls, auth):
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+    fed = LoopbackFederation(tmp_path, [{"client-id": "a"}], tls=tls, auth=auth, port=8123,
+                             certs=RUNBOOK_CERTS if tls else {})
+    args = _parse_args_run_superlink().parse_args(fed.superlink_argv()[1:])
+    assert (args.host, args.port) == ("127.0.0.1", 8123)
+    assert args.insecure == (not tls) and args.enable_supernode_auth == auth
+    with pytest.raises(ValueError, match="needs TLS"):
+        commands.superlink_argv(8123, auth=True)
+
+
+def test_the_fleet_gateway_forwards_the_fleet_api_and_refuses_the_rest():
+    from starlette.testclient import TestClient
+
+    closed = free_port()  # nothing listens there: a forwarded call gets 502, a refused one 403
+    with TestClient(gateway_app(f"127.0.0.1:{closed}", insecure=True)) as client:
+        for method, path in [("POST", "/v1/control/register-node"), ("POST", "/v1/control/start-run"),
+                             ("POST", "/v1/runtime/acquire-task"), ("GET", "/v1/fleet/pull-messages"),
+                             ("POST", "/v1/fleetx"), ("GET", "/docs")]:
+            reply = client.request(method, path, content=b"")
+            assert reply.status_code == 403, (method, path)
+            assert "only the Fleet API" in reply.text
+        forwarded = client.post("/v1/fleet/pull-messages", content=b"\x00")
+        assert forwarded.status_code == 502 and f"127.0.0.1:{closed}" in forwarded.text
+
+
+def test_nest_refuses_a_key_that_is_both_a_value_and_a_table():
+    assert tomlio.nest({"a.b": 1, "a.c.d": "x", "e": True}) == {"a": {"b": 1, "c": {"d": "x"}}, "e": True}
+    with pytest.raises(ValueError, match="'a' is a value"):
+        tomlio.nest({"a": 1, "a.b": 2})
+    with pytest.raises(ValueError, match="is a table"):
+        tomlio.nest({"a.b": 2, "a": 1})
+
+
+_node_keys = st.text(alphabet="abcxyz019-_", min_size=1, max_size=8)
+_node_values = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=20))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_node_keys, _node_values, max_size=6))
+def test_node_config_text_parses_back_as_flower_parses_it(node):
+    def passable(v):
+        return not isinstance(v, str) or '"' not in v or ("'" not in v and not any(ord(c) < 32 or ord(c) == 127 for c in v))
+
+    if all(passable(v) for v in node.values()):
+        assert parse_config_args([node_config_arg(node)]) == node
+    else:
+        with pytest.raises(ValueError, match="quote kinds"):
+            node_config_arg(node)

@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedmoe_flwr.deploy import tomlio
+
 ROOT = Path(__file__).resolve().parents[2]
 
 from fedmoe_flwr.config import RUN_KEYS  # noqa: E402 - the run-level keys live beside the schema
@@ -41,26 +43,13 @@ def quickstart_config(overrides: list[str] | None = None, conf_dir: Path | None 
     return to_config(dcfg)
 
 
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def app_config_toml(cfg=None) -> str:
     """The ``[tool.flwr.app.config]`` tables for ``cfg`` (default: the quickstart)."""
-    import tomli_w
-
     from fedmoe_flwr.config import flatten
 
     cfg = cfg if cfg is not None else quickstart_config()
-    nested = _nest({**RUN_KEYS, **flatten(cfg)})
-    body = tomli_w.dumps({"tool": {"flwr": {"app": {"config": nested}}}})
+    nested = tomlio.nest({**RUN_KEYS, **flatten(cfg)})
+    body = tomlio.dumps({"tool": {"flwr": {"app": {"config": nested}}}})
     # tomli_w writes the parent tables too; keep from the config table on.
     start = body.index(f"[{SECTION}]")
     return body[start:]

@@ -49,7 +49,7 @@ def fleet_node_configs(cfg: Config, *, speeds: bool = True) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from fedmoe_flwr.deploy.app_config import quickstart_config
-    from fedmoe_flwr.deploy.launcher import node_config_arg
+    from fedmoe_flwr.deploy.commands import node_config_arg
 
     cfg = quickstart_config(list(argv if argv is not None else sys.argv[1:]))
     for node in fleet_node_configs(cfg):
