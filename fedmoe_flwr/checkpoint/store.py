@@ -342,7 +342,7 @@ def _load(path: Path, state_path: Path, expected: Mapping | None) -> Checkpoint:
         rng_tensors=tensors[RNG_FILE],
     )
     if expected is not None and (problems := shape_problems(ck.model, ck.strategy_state, expected)):
-        raise bad("does not fit the run's model: " + "; ".join(problems), path / MODEL_FILE)
+        raise CheckpointError(f"checkpoint {path} does not fit the run's model: " + "; ".join(problems))
     return ck
 
 
