@@ -444,6 +444,16 @@ def test_files_outside_the_checkpoint_are_never_read(tmp_path, monkeypatch):
     assert read == ["state.json"]  # refused before opening any listed file
 
 
+def test_a_symlinked_checkpoint_directory_is_refused(tmp_path):
+    _save(tmp_path, 2)
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(_save(tmp_path / "other", 4), elsewhere)  # a valid round-4 checkpoint outside the run
+    (tmp_path / "checkpoints" / "round-000004").symlink_to(elsewhere, target_is_directory=True)
+    assert load_latest(tmp_path, quarantine=True).round == 2
+    assert (elsewhere / "state.json").is_file()  # the link was moved aside, not what it points to
+    assert (tmp_path / "checkpoints" / "corrupt" / "round-000004").is_symlink()
+
+
 def test_without_any_good_checkpoint_resume_starts_fresh_and_keeps_the_bad_ones(tmp_path, caplog):
     for r in (2, 4):
         DAMAGES["round_text"](_save(tmp_path, r, keep=5), None)

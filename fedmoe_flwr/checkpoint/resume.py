@@ -70,7 +70,8 @@ def resume_config(run_dir: str | os.PathLike, cfg, overrides: Iterable[str] = ()
     try:
         ck = load_latest(run_dir)
     except CheckpointError as ex:
-        log.warning("resume: %s; the run starts from round 0 with the given config", ex)
+        log.warning("resume: %s; the run starts from round 0 with the config of this command line "
+                    "(the checkpointed run's own overrides are not recovered from bad checkpoints)", ex)
         return cfg
     if ck is None:
         return cfg

@@ -273,8 +273,8 @@ def _load(path: Path, state_path: Path, expected: Mapping | None) -> Checkpoint:
     def bad(reason: str, file: Path = state_path) -> CheckpointError:
         return CheckpointError(f"checkpoint file {file} {reason}")
 
-    if path.is_symlink():
-        raise bad("is inside a checkpoint directory that is a symbolic link", path)
+    if path.is_symlink():  # its files would all lie outside the run directory
+        raise CheckpointError(f"checkpoint directory {path} is a symbolic link; only real directories are read")
     try:
         if not _inside(path, state_path):
             raise bad("points outside its checkpoint directory")
