@@ -1,5 +1,11 @@
-"""Checkpoints: atomic files, corrupt-checkpoint fallback, and SIGKILL-then-resume exactness."""
+"""Checkpoints: atomic files, corrupt-checkpoint fallback, and SIGKILL-then-resume exactness.
 
+The adversarial cases (project issue 13) rewrite a checkpoint the way an attacker or a
+careless edit would, recomputing its digests, and check that resume falls back to the
+previous good checkpoint without ever writing over it.
+"""
+
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +27,7 @@ from fedmoe_flwr.checkpoint import (
     load_checkpoint,
     load_latest,
     offset_evaluate_fn,
+    prepare_resume,
     resume_config,
     save_checkpoint,
 )
@@ -266,10 +273,12 @@ def _assert_same_run(full: Path, resumed: Path) -> None:
     assert len(csv_rows) == ROUNDS + 2  # header + rounds 0..ROUNDS, the killed run's extra row dropped
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(runs):
     _assert_same_run(runs["full"], runs["plain"])
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupt_checkpoint_and_is_still_exact(runs):
     assert str(runs["bad_file"]) in runs["corrupt_log"] and "falling back" in runs["corrupt_log"]
     kept = runs["corrupt"] / "checkpoints" / "corrupt" / runs["newest"] / "model.safetensors"
@@ -325,3 +334,220 @@ def test_a_fresh_run_in_a_used_directory_sets_the_old_checkpoints_aside(tmp_path
     moved = set_aside_checkpoints(tmp_path)
     assert moved.name.startswith("checkpoints.earlier-") and (moved / "round-000006" / "state.json").is_file()
     assert load_latest(tmp_path) is None
+
+
+# ---------------------------------------------------------------------------- adversarial checkpoints (issue 13)
+def _rewrite(ck_dir: Path, edit=None, tensors=None) -> None:
+    """Rewrite a checkpoint as an adversary would: replace tensor files (``{file: arrays}``),
+    edit ``state.json`` (``edit(state)``) and recompute the digests, so only consistency
+    checks can tell."""
+    from safetensors.numpy import save
+
+    state = json.loads((ck_dir / "state.json").read_text())
+    for name, arrays in (tensors or {}).items():
+        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        (ck_dir / name).write_bytes(data)
+        state["files"][name] = hashlib.sha256(data).hexdigest()
+    if edit is not None:
+        edit(state)
+    (ck_dir / "state.json").write_text(json.dumps(state))
+
+
+def _tensors(ck_dir: Path, name: str) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(ck_dir / name))
+
+
+def _grow(arrays: dict, prefix: str = "") -> dict:
+    """The first tensor whose name starts with ``prefix`` gets an extra axis (same bytes, new shape)."""
+    key = next(k for k in arrays if k.startswith(prefix))
+    return {**arrays, key: arrays[key][..., None]}
+
+
+def _outside_entry(bad: Path, good: Path) -> None:
+    # an extra entry: a valid tensor file outside the checkpoint, by absolute path, with its true digest
+    outside = bad.parent.parent / "outside.safetensors"
+    outside.write_bytes((good / "model.safetensors").read_bytes())
+    _rewrite(bad, lambda s: s["files"].update({str(outside): hashlib.sha256(outside.read_bytes()).hexdigest()}))
+
+
+def _symlinked_model(bad: Path, good: Path) -> None:
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors").symlink_to(good / "model.safetensors")
+    _rewrite(bad, lambda s: s["files"].update({"model.safetensors": hashlib.sha256((good / "model.safetensors").read_bytes()).hexdigest()}))
+
+
+# each: (bad checkpoint dir, good older dir) -> None; the finding of issue 13 it reproduces in the comment
+DAMAGES = {
+    # 1: state.json's round edited: must equal the directory's round and be >= 0
+    "round_earlier": lambda bad, good: _rewrite(bad, lambda s: s.update(round=s["round"] - 2)),
+    "round_negative": lambda bad, good: _rewrite(bad, lambda s: s.update(round=-5)),
+    # 2: non-digest errors fall back instead of crashing
+    "round_text": lambda bad, good: _rewrite(bad, lambda s: s.update(round="abc")),
+    "files_empty": lambda bad, good: _rewrite(bad, lambda s: s.update(files={})),
+    "model_wrong_shape": lambda bad, good: _rewrite(bad, tensors={"model.safetensors": _grow(_tensors(bad, "model.safetensors"))}),
+    "model_wrong_dtype": lambda bad, good: _rewrite(bad, tensors={"model.safetensors": {
+        k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in _tensors(bad, "model.safetensors").items()}}),
+    "moment_wrong_shape": lambda bad, good: _rewrite(bad, tensors={
+        "strategy.safetensors": _grow(_tensors(bad, "strategy.safetensors"), "alignment_arrays/m/")}),
+    "rng_garbage": lambda bad, good: _rewrite(bad, lambda s: s["rng"]["numpy"].update(keys=[1, 2, 3])),
+    "strategy_not_object": lambda bad, good: _rewrite(bad, lambda s: s.update(strategy=["x"])),
+    # 4: rows past the checkpoint's round would be written twice; missing rows would leave a gap
+    "metrics_repeat_round": lambda bad, good: _rewrite(bad, lambda s: s["metrics"].append(dict(s["metrics"][-1]))),
+    "metrics_missing_rows": lambda bad, good: _rewrite(bad, lambda s: s.update(metrics=s["metrics"][:1])),
+    # 3: tensor files must resolve inside the checkpoint directory
+    "files_outside": _outside_entry,
+    "files_symlink": _symlinked_model,
+}
+REFERENCE = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(1, np.int64)}  # what _save's model must look like
+
+
+def _files_of(ck_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in ck_dir.iterdir()}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_resume_quarantines_any_bad_checkpoint_and_falls_back(tmp_path, caplog, damage):
+    good = _save(tmp_path, 2, keep=5)
+    bad = _save(tmp_path, 4, keep=5)
+    DAMAGES[damage](bad, good)
+    before = _files_of(good)
+    strategy = FakeStrategy()
+    with caplog.at_level(logging.WARNING, logger="fedmoe_flwr"):
+        ck = prepare_resume(tmp_path, Config(seed=3), strategy, expected=REFERENCE)
+    assert ck.round == 2 and strategy.d["count"] == 2  # the older checkpoint, restored
+    assert str(bad) in caplog.text and "falling back" in caplog.text
+    moved = tmp_path / "checkpoints" / "corrupt" / bad.name
+    assert moved.is_dir() and not bad.exists()
+    reason = (moved.parent / f"{bad.name}.reason.txt").read_text()
+    assert str(bad) in reason
+    assert _files_of(good) == before and [p.name for p in list_checkpoints(tmp_path)] == [good.name]
+
+
+@pytest.mark.parametrize("value", [1, -5, "abc", 3.0, True, None])
+def test_state_round_must_be_the_directory_round(tmp_path, value):
+    bad = _save(tmp_path, 3)
+    _rewrite(bad, lambda s: s.update(round=value))
+    with pytest.raises(CheckpointError, match=rf"state\.json .*round"):
+        load_checkpoint(bad)
+
+
+def test_files_outside_the_checkpoint_are_never_read(tmp_path, monkeypatch):
+    good, bad = _save(tmp_path, 2), _save(tmp_path, 4)
+    _outside_entry(bad, good)
+    read = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    with pytest.raises(CheckpointError, match="tensor files"):
+        load_checkpoint(bad)
+    assert read == ["state.json"]  # refused before opening any listed file
+
+
+def test_a_symlinked_checkpoint_directory_is_refused(tmp_path):
+    _save(tmp_path, 2)
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(_save(tmp_path / "other", 4), elsewhere)  # a valid round-4 checkpoint outside the run
+    (tmp_path / "checkpoints" / "round-000004").symlink_to(elsewhere, target_is_directory=True)
+    assert load_latest(tmp_path, quarantine=True).round == 2
+    assert (elsewhere / "state.json").is_file()  # the link was moved aside, not what it points to
+    assert (tmp_path / "checkpoints" / "corrupt" / "round-000004").is_symlink()
+
+
+def test_without_any_good_checkpoint_resume_starts_fresh_and_keeps_the_bad_ones(tmp_path, caplog):
+    for r in (2, 4):
+        DAMAGES["round_text"](_save(tmp_path, r, keep=5), None)
+    strategy = FakeStrategy({"count": "fresh"})
+    with caplog.at_level(logging.WARNING, logger="fedmoe_flwr"):
+        assert prepare_resume(tmp_path, Config(seed=3), strategy, expected=REFERENCE) is None
+    assert "starting from round 0" in caplog.text and strategy.d == {"count": "fresh"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "corrupt").iterdir() if p.is_dir()) == ["round-000002", "round-000004"]
+    assert list_checkpoints(tmp_path) == []
+    cfg = Config(seed=5)
+    assert resume_config(tmp_path, cfg, ["resume=true"]) is cfg  # nothing to continue: the given config
+
+
+def test_retention_never_counts_a_bad_or_newer_checkpoint(tmp_path):
+    # a newer bad checkpoint (round 4) must not push the good round 2 out when round 3 is saved
+    good = _save(tmp_path, 2, keep=5)
+    DAMAGES["files_empty"](_save(tmp_path, 4, keep=5), good)
+    _save(tmp_path, 3, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000002", "round-000003", "round-000004"]
+    # nor an older bad one: round 6 is bad, so saving 7 keeps 5 as the second good checkpoint
+    for r in (5, 6):
+        _save(tmp_path, r, keep=5)
+    DAMAGES["model_wrong_shape"](list_checkpoints(tmp_path)[-1], None)
+    _save(tmp_path, 7, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000005", "round-000006", "round-000007"]
+    _save(tmp_path, 8, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round-000007", "round-000008"]
+
+
+def test_writing_a_round_again_moves_the_old_directory_aside(tmp_path):
+    first = _save(tmp_path, 4)
+    before = _files_of(first)
+    _save(tmp_path, 4)
+    kept = tmp_path / "checkpoints" / "replaced" / "round-000004"
+    assert _files_of(kept) == before and (kept.parent / "round-000004.reason.txt").is_file()
+    assert load_checkpoint(first).round == 4
+
+
+# ---------------------------------------------------------------------------- adversarial checkpoints in a real run
+def _run_cfg(resume=False):
+    from fedmoe_flwr.config import Backend, StrategyName
+
+    c = Config(backend=Backend.local, num_rounds=4, quiet=True, checkpoint_every=1, checkpoint_keep=5, resume=resume, seed=1)
+    c.strategy.name = StrategyName.aligned
+    c.strategy.server_opt, c.strategy.server_lr = "fedadam", 0.05  # moments travel in strategy.safetensors
+    c.dataset.num_clients, c.train.local_epochs = 10, 1
+    return c
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    from fedmoe_flwr.simulation import run
+
+    full = tmp_path_factory.mktemp("adversarial") / "full"
+    run(_run_cfg(), full)
+    return full
+
+
+REAL_DAMAGES = {
+    **DAMAGES,
+    # 2: a strategy state the real strategy cannot load (ExpertStrategy.load_state_dict raises)
+    "strategy_unloadable": lambda bad, good: _rewrite(bad, lambda s: s["strategy"].pop("alignment")),
+}
+
+
+# a few damages run by default; the rest (same code paths as the unit test above) are marked slow
+_QUICK = {"round_earlier", "model_wrong_shape", "moment_wrong_shape", "strategy_unloadable", "every_checkpoint"}
+
+
+@pytest.mark.parametrize("damage", [pytest.param(d, marks=() if d in _QUICK else pytest.mark.slow)
+                                    for d in sorted(REAL_DAMAGES) + ["every_checkpoint"]])
+def test_a_real_run_resumes_past_a_bad_checkpoint_exactly(full_run, tmp_path, damage):
+    from fedmoe_flwr.simulation import run
+
+    part = tmp_path / "part"
+    shutil.copytree(full_run, part)
+    root = part / "checkpoints"
+    shutil.rmtree(root / "round-000004")  # as if stopped during round 4
+    (part / "summary.json").unlink()
+    if damage == "every_checkpoint":  # nothing to fall back to: a fresh start (which repeats the run)
+        bad = list_checkpoints(part)
+        for p in bad:
+            DAMAGES["round_text"](p, None)
+    else:
+        bad = [root / "round-000003"]
+        REAL_DAMAGES[damage](bad[0], root / "round-000002")
+    untouched = {p.name: _files_of(p) for p in list_checkpoints(part) if p not in bad}
+    run(_run_cfg(resume=True), part)
+    # rows continue from the restored round: rounds 0..4 once each, as in the uninterrupted run
+    assert _rows_without_timings(part / "metrics.jsonl") == _rows_without_timings(full_run / "metrics.jsonl")
+    assert (part / "details.jsonl").read_text() == (full_run / "details.jsonl").read_text()
+    ma, mb = torch.load(full_run / "model.pt"), torch.load(part / "model.pt")
+    assert list(ma) == list(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    # the good checkpoints were never written over; the bad ones are kept aside with a reason
+    assert {name: _files_of(root / name) for name in untouched} == untouched
+    assert sorted(p.name for p in (root / "corrupt").glob("*.reason.txt")) == sorted(f"{p.name}.reason.txt" for p in bad)
+    assert [p.name for p in list_checkpoints(part)] == [f"round-{r:06d}" for r in range(1, 5)]
