@@ -174,7 +174,7 @@ def make_server_app(defaults: dict | None = None, out_dir: str | None = None, pr
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedmoe_flwr.deploy.grid import DeploymentGrid
+        from fedmoe_flwr.deployment_grid import DeploymentGrid
 
         run_config = dict(context.run_config)
         run_dir = run_config.pop("output-dir", None)  # run-level keys: fedmoe_flwr.config.RUN_KEYS

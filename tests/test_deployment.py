@@ -36,7 +36,7 @@ from fedmoe_flwr.deploy import app_config, commands, tomlio
 from fedmoe_flwr.deploy.federation import add_connection, connection
 from fedmoe_flwr.deploy.fleet_gateway import create_app as gateway_app
 from fedmoe_flwr.deploy.fleet_gateway import parser as gateway_parser
-from fedmoe_flwr.deploy.grid import DeploymentGrid, read_log
+from fedmoe_flwr.deployment_grid import DeploymentGrid, read_log
 from fedmoe_flwr.deploy.launcher import (
     LocalSimulation,
     LoopbackFederation,

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Context, MessageType, RecordDict
 from flwr.common.config import flatten_dict
 
-from fedmoe_flwr.deploy.grid import DeploymentGrid, read_log
+from fedmoe_flwr.deployment_grid import DeploymentGrid, read_log
 from fedmoe_flwr.models import param_layout
 from fedmoe_flwr.sim import LocalGrid
 

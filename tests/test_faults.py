@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.client.app import make_client_app
 from fedmoe_flwr.config import Config, TierConfig, flatten
-from fedmoe_flwr.deploy.grid import DeploymentGrid
+from fedmoe_flwr.deployment_grid import DeploymentGrid
 from fedmoe_flwr.experiment import build, experiment_for
 from fedmoe_flwr.models.slicing import to_array_record
 from fedmoe_flwr.server_app import build_strategy
