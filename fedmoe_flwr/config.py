@@ -17,6 +17,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from fedmoe_flwr.core.fitness import FitnessSettings
+from fedmoe_flwr.core.robust import RobustSettings
 
 
 class _Name(str, Enum):
@@ -100,9 +101,10 @@ class FleetConfig:
 
 
 @dataclass
-class StrategyConfig(FitnessSettings):
+class StrategyConfig(RobustSettings, FitnessSettings):
     """The strategy's settings; the fitness ones (w_hist, beta, ...) come from
-    :class:`~fedmoe_flwr.core.FitnessSettings`. Each field reaches the strategy's
+    :class:`~fedmoe_flwr.core.FitnessSettings`, the robustness ones (norm_bound, aggregator,
+    clip, ...) from :class:`~fedmoe_flwr.core.RobustSettings`. Each field reaches the strategy's
     constructor argument of the same name (:func:`fedmoe_flwr.server_app.build_strategy`)."""
 
     name: StrategyName = StrategyName.aligned
@@ -119,7 +121,6 @@ class StrategyConfig(FitnessSettings):
     # aggregation
     server_opt: str = "avg"  # avg | fedadam | fedyogi
     server_lr: float = 1.0
-    norm_bound: Optional[float] = None
     profile_ema: float = 0.3
 
 

@@ -21,6 +21,7 @@ _HOME = {
     "FitnessState": "fitness",
     "LoadState": "load",
     "Received": "round",
+    "RobustSettings": "robust",
     "RoundCost": "accounting",
     "RoundInputs": "round",
     "RoundSettings": "round",

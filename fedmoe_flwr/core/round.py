@@ -21,12 +21,13 @@ from typing import Mapping
 
 import numpy as np
 
-from ..layout import ParamLayout
+from ..layout import ParamLayout, parse_expert_key
 from .accounting import round_cost
 from .aggregate import ClientUpdate, aggregate_experts, server_step
 from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
 from .profiles import update_profiles
+from .robust import RobustSettings, cap_shares, median_norm, signal_consistency, signal_problem, token_weights, trusted_samples
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
 
@@ -81,6 +82,7 @@ class RoundInputs:
     ``failed`` holds clients whose reply was an error (dropped), ``malformed`` those whose
     reply could not be decoded (rejected); a sent client in none of the maps timed out.
     ``close_s`` is when the server stopped waiting (None = it waited for every reply).
+    ``registered`` holds each client's registered data size (the cap of its sample claims).
     """
 
     round: int
@@ -89,6 +91,7 @@ class RoundInputs:
     failed: Mapping[str, str] = field(default_factory=dict)
     malformed: Mapping[str, str] = field(default_factory=dict)
     close_s: float | None = None
+    registered: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class RoundSettings:
     """How a round folds replies into the state (set once per strategy)."""
 
     fitness: FitnessSettings = field(default_factory=FitnessSettings)
-    norm_bound: float | None = None
+    robust: RobustSettings = field(default_factory=RobustSettings)
     server_opt: str = "avg"
     server_lr: float = 1.0
     profile_ema: float = 0.3
@@ -155,7 +158,47 @@ def check_reply(reply: Received, sent: Sent, params: Mapping[str, np.ndarray], l
     if not ok:
         return why
     ok, why = validate_report(_token_map(reply, sent, layout), held=sent.experts, num_samples=reply.report.num_examples)
-    return None if ok else why
+    if not ok:
+        return why
+    layer_of = _layer_of(layout)
+    return signal_problem(reply.report.hist, layer_of, "routing histogram") or signal_problem(
+        reply.report.gate, layer_of, "gate share")
+
+
+def _layer_of(layout: ParamLayout) -> np.ndarray:
+    return np.array([parse_expert_key(k)[0] for k in layout.expert_keys], dtype=np.int64)
+
+
+def _trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, layout: ParamLayout,
+                     settings: RoundSettings) -> list[ClientUpdate]:
+    """The accepted replies with the weights the server can defend (:mod:`.robust`)."""
+    keys, layer_of = layout.expert_keys, _layer_of(layout)
+    if not accepted:
+        return []
+    samples = np.array([trusted_samples(r.report.num_examples, inputs.registered.get(cid), settings.robust.sample_drift)
+                        for cid, r in accepted])
+    held = np.array([[k in inputs.sent[cid].experts for k in keys] for cid, _ in accepted], dtype=bool)
+    tok = np.array([token_weights(r.report.tokens, n, layer_of, h) for (_, r), n, h in zip(accepted, samples, held)])
+    for k in range(len(keys)):  # no client above max_share of an expert's weight
+        tok[:, k] = cap_shares(tok[:, k], settings.robust.max_share)
+    samples = cap_shares(samples, settings.robust.max_share)
+    return [ClientUpdate(client_id=cid, params=r.params, held=frozenset(inputs.sent[cid].experts), num_samples=float(n),
+                         tokens={keys[k]: float(tok[i, k]) for k in np.flatnonzero(held[i])})
+            for i, ((cid, r), n) in enumerate(zip(accepted, samples))]
+
+
+def _clip_norm(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], layout: ParamLayout,
+               settings: RoundSettings) -> float | None:
+    if settings.robust.clip == "fixed":
+        return settings.robust.clip_norm
+    if settings.robust.clip != "median" or len(updates) < 2:
+        return None
+    norms = {}
+    for u in updates:
+        names = [n for n in u.params if layout.expert_of.get(n, None) in u.held or n not in layout.expert_of]
+        norms[u.client_id] = float(np.sqrt(sum(float(np.sum((u.params[n].astype(np.float64) - params[n]) ** 2))
+                                               for n in names)))
+    return median_norm(norms)
 
 
 def _token_map(reply: Received, sent: Sent, layout: ParamLayout) -> dict[str, float]:
@@ -198,7 +241,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
                 dropped.setdefault(cid, "no reply (timeout)")
             observations[cid] = {"completed": False}
             continue
-        why = check_reply(reply, sent, params, layout, settings.norm_bound)
+        why = check_reply(reply, sent, params, layout, settings.robust.norm_bound)
         if why is not None:
             rejected[cid] = why
             observations[cid] = {"completed": False}
@@ -214,19 +257,20 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         observations[cid] = {**measured, "completed": not late}
 
     new_params = None
-    updates = [ClientUpdate(client_id=cid, params=r.params, held=frozenset(inputs.sent[cid].experts),
-                            num_samples=r.report.num_examples, tokens=_token_map(r, inputs.sent[cid], layout))
-               for cid, r in accepted]
+    updates = _trusted_updates(accepted, inputs, layout, settings)
     if updates:
-        _, delta, agg = aggregate_experts(dict(params), updates, layout)
+        _, delta, agg = aggregate_experts(dict(params), updates, layout, method=settings.robust.aggregator,
+                                          clip_norm=_clip_norm(updates, params, layout, settings))
         new_params, opt_state = server_step(dict(params), delta, state.opt_state, kind=settings.server_opt,
                                             lr=settings.server_lr, touched=set(agg["touched"]), row_masks=agg["row_masks"])
         state = replace(state, opt_state=opt_state)
 
     state = replace(state, profiles=update_profiles(state.profiles, observations, ema=settings.profile_ema))
-    keys = layout.expert_keys
+    keys, layer_of = layout.expert_keys, _layer_of(layout)
     for u, (cid, r) in zip(updates, accepted):
         trained = np.array([k in u.held for k in keys])
+        if signal_consistency(r.report.hist, r.report.tokens, trained, layer_of) < settings.robust.min_consistency:
+            continue  # its histogram contradicts the tokens it routed: no say in fitness this round
         loss = np.where(trained, r.report.expert_loss, np.nan)
         state = observe_fitness(state, cid, r.report.hist, r.report.gate, loss, trained, settings.fitness)
     tokens, clients = round_load([u.held for u in updates], [u.tokens for u in updates], keys)

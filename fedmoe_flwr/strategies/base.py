@@ -61,7 +61,8 @@ class ExpertStrategy(Strategy):
         probe: QUERY new nodes for their routing histogram (cold-start fitness).
         deadline_s: round deadline; replies slower than it are dropped and the
             deadline-aware strategies keep assignments within it. None = no deadline.
-        norm_bound: updates whose delta norm exceeds it are rejected. None = no bound.
+        robust: what the server trusts in a reply: norm bound, aggregator, clipping, share
+            cap, sample drift (:class:`~fedmoe_flwr.core.RobustSettings`; on by default).
         server_opt, server_lr: ``"avg"``, ``"fedadam"`` or ``"fedyogi"`` server step.
         fitness: signal weights, smoothing and exploration (:class:`~fedmoe_flwr.core.FitnessSettings`).
         profile_ema: smoothing of measured speeds and reliability.
@@ -86,7 +87,7 @@ class ExpertStrategy(Strategy):
         seed: int = 0,
         probe: bool = True,
         deadline_s: float | None = None,
-        norm_bound: float | None = None,
+        robust: core.RobustSettings | None = None,
         server_opt: str = "avg",
         server_lr: float = 1.0,
         fitness: core.FitnessSettings | None = None,
@@ -117,7 +118,7 @@ class ExpertStrategy(Strategy):
         self.query_timeout = query_timeout
         self.evaluate_every = max(1, int(evaluate_every))
         self.settings = core.RoundSettings(
-            fitness=fitness or core.FitnessSettings(), norm_bound=norm_bound, server_opt=server_opt,
+            fitness=fitness or core.FitnessSettings(), robust=robust or core.RobustSettings(), server_opt=server_opt,
             server_lr=server_lr, profile_ema=profile_ema, price_step=self.price_step,
             local_epochs=int(self.train_config.get("local-epochs", 1)),
         )
@@ -336,7 +337,7 @@ class ExpertStrategy(Strategy):
                 rnd, close, "the deadline" if self.deadline_s is not None else "all replies")
             close = self.deadline_s
         sent = {s.client_id: s for s in self._cohort.sent.values()}
-        return core.RoundInputs(rnd, sent, received, failed, malformed, close), contents
+        return core.RoundInputs(rnd, sent, received, failed, malformed, close, registered=self.num_examples), contents
 
     def _client_metrics(self, stats: core.RoundStats, contents: dict) -> MetricRecord:
         """Aggregated ClientApp-side train metrics: the train loss and the user's own scalars."""

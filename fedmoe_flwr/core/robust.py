@@ -1,0 +1,134 @@
+"""Weights the server can defend: what a client claims is bounded by what the server can
+check (docs/architecture.md#robustness).
+
+- samples: a client's claimed sample count is capped at its registered data size (its
+  first report) times ``1 + drift``;
+- tokens: only the client's *shares* of tokens per MoE layer count, scaled by its capped
+  samples, so inflated token counts cannot inflate a weight;
+- shares: no client contributes more than ``max_share`` times the fair share ``1/m`` of
+  the ``m`` contributors to one expert (or to the shared tensors) in a round;
+- norms: updates are clipped to the round's median delta norm before averaging;
+- signals: routing histograms and gate shares must be distributions per layer, and a
+  client whose histogram contradicts the tokens it routed loses its fitness update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+CLIPS = ("none", "median", "fixed")
+
+
+@dataclass
+class RobustSettings:
+    """What the server trusts in a reply (the strategy config extends this class)."""
+
+    norm_bound: Optional[float] = None  # reject updates whose delta norm exceeds it; None = no bound
+    aggregator: str = "mean"  # per expert over its holders: mean | median | trimmed_mean
+    clip: str = "median"  # none | median (the round's median delta norm) | fixed (clip_norm)
+    clip_norm: Optional[float] = None  # the bound of clip=fixed
+    max_share: float = 2.0  # a client's weight on one expert <= max_share / holders; 0 = off
+    sample_drift: float = 0.5  # claimed samples <= registered data size * (1 + drift)
+    min_consistency: float = 0.5  # fitness ignores a client whose histogram contradicts its tokens
+
+    def __post_init__(self) -> None:
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        if self.clip not in CLIPS:
+            raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
+        if self.clip == "fixed" and not (self.clip_norm is not None and self.clip_norm > 0):
+            raise ValueError(f"clip=fixed needs clip_norm > 0, got {self.clip_norm!r}")
+
+
+def trusted_samples(claimed: float, registered: float | None, drift: float) -> float:
+    """``min(claimed, registered * (1 + drift))``; the claim itself when nothing is registered."""
+    if registered is None or registered <= 0:
+        return float(claimed)
+    return float(min(claimed, registered * (1.0 + drift)))
+
+
+def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
+    """Weights with no entry above ``min(1, max_share / m)`` of their total (water-filling).
+
+    The largest weights are lowered to a common level ``c`` with ``c = s * sum(result)``;
+    the others stay as they are, so the order of contributors is kept. ``max_share <= 0``
+    or a single contributor: unchanged.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    m = int((w > 0).sum())
+    if max_share <= 0 or m <= 1:
+        return w.copy()
+    s = min(1.0, max_share / m)
+    desc = np.sort(w[w > 0])[::-1]
+    rest = np.cumsum(desc[::-1])[::-1]  # rest[k] = sum of desc[k:]
+    for k in range(m):  # k weights capped at level c
+        if s * k >= 1.0:
+            break
+        c = s * rest[k] / (1.0 - s * k)
+        if desc[k] <= c * (1 + 1e-12) and (k == 0 or desc[k - 1] >= c):
+            return np.minimum(w, c) if k else w.copy()
+    return np.where(w > 0, rest[0] / m, 0.0)  # every share capped: equal weights
+
+
+def token_weights(tokens: np.ndarray, samples: float, layer_of: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """Per-expert weights ``samples * tokens[k] / sum(tokens of k's layer)`` over held experts.
+
+    A layer whose held experts got no token spreads ``samples`` evenly over them.
+    """
+    tokens = np.where(held, np.clip(np.nan_to_num(tokens), 0, None), 0.0)
+    out = np.zeros(len(tokens))
+    for layer in np.unique(layer_of):
+        cols = (layer_of == layer) & held
+        if not cols.any():
+            continue
+        total = tokens[cols].sum()
+        out[cols] = samples * (tokens[cols] / total if total > 0 else 1.0 / cols.sum())
+    return out
+
+
+def signal_problem(values: np.ndarray, layer_of: np.ndarray, name: str, tol: float = 1e-3) -> str | None:
+    """Why a per-expert distribution (routing histogram, gate share) is not one, or None.
+
+    Every entry missing (NaN) is fine (not measured); otherwise each layer's entries must
+    be finite, >= 0 and sum to 1 within ``tol``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if np.isnan(v).all():
+        return None
+    if not np.isfinite(v).all() or (v < 0).any():
+        return f"{name} has non-finite or negative entries"
+    for layer in np.unique(layer_of):
+        total = float(v[layer_of == layer].sum())
+        if abs(total - 1.0) > tol:
+            return f"{name} of layer {layer} sums to {total:.6g}, not 1"
+    return None
+
+
+def signal_consistency(hist: np.ndarray, tokens: np.ndarray, held: np.ndarray, layer_of: np.ndarray) -> float:
+    """How well a client's routing histogram (before training) agrees with the tokens it
+    routed among its held experts (during training): ``1 - TV distance``, the worst layer.
+
+    1 = the same distribution over the held experts, 0 = disjoint. NaN histogram: 1.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    if np.isnan(hist).any():
+        return 1.0
+    worst = 1.0
+    for layer in np.unique(layer_of):
+        cols = (layer_of == layer) & held
+        h, t = hist[cols], np.clip(np.nan_to_num(tokens[cols]), 0, None)
+        if cols.sum() < 2 or h.sum() <= 0 or t.sum() <= 0:
+            continue
+        worst = min(worst, 1.0 - 0.5 * float(np.abs(h / h.sum() - t / t.sum()).sum()))
+    return worst
+
+
+def median_norm(deltas: Mapping[str, float]) -> float | None:
+    """The median of the clients' delta norms (the round's clipping bound); None if none."""
+    values = [v for v in deltas.values() if np.isfinite(v)]
+    return float(np.median(values)) if values else None
