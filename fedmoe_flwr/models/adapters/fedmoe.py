@@ -29,12 +29,9 @@ class FedMoELayer(ExpertLayer):
                 tuple(f"{pre}experts.{e}.{n}" for n in expert.state_dict()) for e, expert in enumerate(layer.experts)
             ),
             held=getattr(layer, "_fedmoe_held", None),
+            holder=layer,
         )
         self.module = layer
-
-    def slot(self, e: int) -> int | None:
-        # Compact MoELayers keep every expert at its global index (absent ones on "meta").
-        return e if self.held is None or e in self.held else None
 
     def set_active(self, mask):
         self.module.set_active(mask)

@@ -52,6 +52,7 @@ class ExpertLayer:
         fused: state names of ``[E, ...]`` tensors; in a compact model ``[k, ...]``.
         held: in a compact model, the global experts present, slot i holding ``held[i]``;
             None when every expert is present.
+        holder: the module that carries ``held`` (as ``_fedmoe_held``) in a compact model.
     """
 
     def __init__(
@@ -63,13 +64,14 @@ class ExpertLayer:
         experts: tuple[tuple[str, ...], ...] = (),
         fused: tuple[str, ...] = (),
         held: tuple[int, ...] | None = None,
+        holder: nn.Module | None = None,
     ):
         if experts and len(experts) != num_experts:
             raise ValueError(f"{name}: {len(experts)} expert modules for {num_experts} router rows")
         if not experts and not fused:
             raise ValueError(f"{name}: a MoE layer needs per-expert tensors or fused [E, ...] tensors")
         self.name, self.num_experts, self.router = name, num_experts, router
-        self.router_tensors, self.fused, self.held = router_tensors, fused, held
+        self.router_tensors, self.fused, self.held, self.holder = router_tensors, fused, held, holder
         self.experts = experts or tuple(() for _ in range(num_experts))
 
     def expert_names(self, e: int) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ def expert_layer(
         per_expert = tuple(
             tuple(f"{experts_path}.{c}.{n}" for n in child.state_dict()) for c, child in children
         )
-        return cls(name, num_experts, router, router_tensors, experts=per_expert, held=held)
+        return cls(name, num_experts, router, router_tensors, experts=per_expert, held=held, holder=experts)
     local_e = num_experts if held is None else len(held)
     fused = tuple(
         f"{experts_path}.{n}" for n, t in experts.state_dict(keep_vars=True).items() if t.dim() >= 1 and t.shape[0] == local_e
@@ -66,7 +66,7 @@ def expert_layer(
             f"{name}: experts {experts_path!r} is neither a container of {num_experts} expert modules "
             f"(it has {len(children)} children) nor a module of fused [{num_experts}, ...] tensors"
         )
-    return cls(name, num_experts, router, router_tensors, fused=fused, held=held)
+    return cls(name, num_experts, router, router_tensors, fused=fused, held=held, holder=experts)
 
 
 def find_spec_layers(model: nn.Module, specs) -> list[ExpertLayer]:
