@@ -79,3 +79,53 @@ def test_compact_errors():
         model_experts(compact).load_wire({"model.layers.0.mlp.experts.down_proj/E2": torch.zeros(16, 32)})
     with pytest.raises(KeyError, match="not held by this compact model"):
         mask_experts(compact, ["L0.E2", "L1.E0"])
+
+
+@pytest.fixture
+def runtime_identity():
+    """Messages take their run id from the process's task identity (Flower's runtime sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) if hasattr(TaskIdentity, "_task_id") else None
+    yield
+    if saved is not None:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_expert_train_on_a_compact_hf_model_replies_with_exactly_what_it_got(runtime_identity):
+    import numpy as np
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedmoe_flwr import protocol as P
+    from fedmoe_flwr.client import expert_train
+    from fedmoe_flwr.client.compact import model_for_message
+    from fedmoe_flwr.models.slicing import from_array_record, to_array_record
+
+    torch.manual_seed(0)
+    full = _factory("mixtral")()
+    layout = param_layout(full)
+    keys = ["L0.E1", "L0.E4", "L1.E2"]
+    sent = sub_state(to_wire(full), layout, keys)
+    msg = Message(RecordDict({P.CONFIG: ConfigRecord({"server-round": 1, "experts": keys}), P.ARRAYS: to_array_record(sent)}),
+                  dst_node_id=42, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    model = model_for_message(msg, _factory("mixtral"))
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(2))
+
+    def train_fn(m):
+        opt = torch.optim.SGD([p for p in m.parameters() if not p.is_meta], lr=0.1)
+        m.train()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return {P.NUM_EXAMPLES: 4, P.TRAIN_LOSS: float(loss.detach())}
+
+    reply = expert_train(msg, model, train_fn, profile={P.CLIENT_ID: "c"}, stats_inputs=ids.numpy())
+    back = from_array_record(reply.content[P.ARRAYS])
+    assert list(back) == list(sent) and all(back[n].shape == sent[n].shape for n in sent)
+    assert any(not torch.equal(back[n], sent[n]) for n in layout.expert_params["L0.E4"]), "it trained"
+    tokens = P.decode_vector(reply.content[P.REPORT][P.TOKENS], len(layout.expert_keys), missing_as_nan=False)
+    held = np.array([k in keys for k in layout.expert_keys])
+    assert (tokens[~held] == 0).all() and tokens[:E].sum() == tokens[E:].sum() == ids.numel()
+    hist = P.decode_vector(reply.content[P.REPORT][P.HIST], len(layout.expert_keys))
+    assert hist[:E].sum() == pytest.approx(1) and (hist[~held] > 0).any(), "histogram over all router rows"
