@@ -87,6 +87,7 @@ def runtime_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) if hasattr(TaskIdentity, "_task_id") else None
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     if saved is not None:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
