@@ -2,7 +2,7 @@
 
 ``hf_tiny_model("mixtral", num_experts=8)`` builds a 2-layer model whose config follows
 the family's real structure at toy widths; ``size="mid"`` is a few hundred times larger
-(for memory benchmarks). Needs the ``hf`` extra (``pip install fedmoe-flwr[hf]``).
+(experts of ~6 MB each, for memory benchmarks). Needs the ``hf`` extra (``pip install fedmoe-flwr[hf]``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch")
-SIZES = {"tiny": dict(hidden=16, inter=32, vocab=64), "mid": dict(hidden=256, inter=512, vocab=512)}
+SIZES = {"tiny": dict(hidden=16, inter=32, vocab=64), "mid": dict(hidden=512, inter=1024, vocab=1024)}
 
 
 def hf_tiny_config(family: str, num_experts: int = 4, top_k: int = 2, size: str = "tiny", layers: int = 2):
