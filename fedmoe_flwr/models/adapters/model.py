@@ -35,6 +35,7 @@ from fedmoe_flwr.models.moe import UnknownExpertError
 DOCS = "docs/models.md#adapters"
 SPEC_ATTR = "moe_spec"
 DENSE_ATTR = "fedmoe_dense"
+WIRE_ATTR = "fedmoe_wire"  # "trainable" (set by adapters.lora): only tensors that require grad travel
 
 
 class NoMoELayerError(ValueError):
@@ -63,13 +64,20 @@ class ModelExperts:
     def __init__(self, model: nn.Module, layers: list[ExpertLayer]):
         self.model, self.layers = model, layers
         self._fused = {n: (l, layer) for l, layer in enumerate(layers) for n in layer.fused}
+        self.trainable_only = getattr(model, WIRE_ATTR, None) == "trainable"
+
+    def _state(self):
+        """(name, tensor) of the model's state that travels (all, or the trainable part)."""
+        for n, t in self.model.state_dict(keep_vars=True).items():
+            if not self.trainable_only or (isinstance(t, nn.Parameter) and t.requires_grad):
+                yield n, t
 
     # --- names and shapes ------------------------------------------------------------
 
     def wire_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every wire name (absent experts of a compact model included) -> (shape, dtype)."""
         out: dict[str, tuple[tuple[int, ...], torch.dtype]] = OrderedDict()
-        for n, t in self.model.state_dict(keep_vars=True).items():
+        for n, t in self._state():
             if n in self._fused:
                 row = tuple(t.shape[1:])
                 out.update((wire_name(n, e), (row, t.dtype)) for e in range(self._fused[n][1].num_experts))
@@ -84,6 +92,9 @@ class ModelExperts:
             expert_key(l, e): layer.expert_names(e) for l, layer in enumerate(self.layers) for e in range(layer.num_experts)
         }
         router_params = {n: l for l, layer in enumerate(self.layers) for n in layer.router_tensors}
+        if self.trainable_only:  # frozen tensors do not travel
+            expert_params = {k: tuple(n for n in names if n in shapes) for k, names in expert_params.items()}
+            router_params = {n: l for n, l in router_params.items() if n in shapes}
         owned = {n for names in expert_params.values() for n in names}
         missing = sorted((owned | set(router_params)) - set(shapes))
         if missing:  # e.g. a module whose state_dict hooks rename entries
@@ -102,7 +113,8 @@ class ModelExperts:
     def to_wire(self) -> dict[str, torch.Tensor]:
         """The wire state of the tensors present (views into the model's tensors)."""
         out: dict[str, torch.Tensor] = OrderedDict()
-        for n, t in self.model.state_dict().items():
+        for n, t in self._state():
+            t = t.detach()
             if t.is_meta:  # an absent expert of a compact model
                 continue
             if n in self._fused:
