@@ -1,6 +1,8 @@
 """Slicing a model's state by expert: what a client receives, trains and sends back.
 
-A *state* is a ``dict[str, Tensor]`` keyed like ``model.state_dict()``. The layout
+A *state* is a ``dict[str, Tensor]`` keyed like the model's wire state
+(``models.adapters.to_wire``: its ``state_dict``, with fused ``[E, ...]`` expert tensors
+split into per-expert rows ``"<name>/E<e>"``). The layout
 (:class:`~fedmoe_flwr.layout.ParamLayout`) says which names belong to which expert; every
 other name (routers, embeddings, buffers, ...) is shared. Functions here never copy
 tensor data: returned dicts hold the same tensor objects, in the input's order.
