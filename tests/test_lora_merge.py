@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fedmoe_flwr.models.adapters.lora_merge import factorise, mean_product, merge_lora, merge_pair
 
+
 def test_averaging_factors_separately_is_biased_and_the_product_average_is_not():
     # Rank-2 adapters, each client using one direction: e1 e1^T and e2 e2^T.
     A1, B1 = np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 0.0]])
