@@ -33,7 +33,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedmoe_flwr import core
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.client.local_update import routing_stats
-from fedmoe_flwr.models import moe_layers, set_active_experts
+from fedmoe_flwr.models.adapters import count_tokens, model_experts
 from fedmoe_flwr.models.slicing import from_array_record, param_layout, sub_state, to_array_record
 
 
@@ -56,38 +56,11 @@ def load_assigned(msg: Message, model: torch.nn.Module) -> tuple[list[str], int]
     """
     keys = assigned_experts(msg, model)
     received = from_array_record(msg.content[P.ARRAYS])
-    own = model.state_dict()
-    for name, t in received.items():
-        if name not in own:
-            raise ValueError(f"received tensor {name!r} that the model does not have")
-        if tuple(own[name].shape) != tuple(t.shape):
-            raise ValueError(f"tensor {name!r}: received shape {tuple(t.shape)}, model has {tuple(own[name].shape)}")
-    model.load_state_dict(received, strict=False)
-    if moe_layers(model):
-        set_active_experts(model, keys)
+    experts = model_experts(model)  # the model's adapter: names, loading, masking
+    experts.load_wire(received)
+    if experts.layers:
+        experts.set_active(keys)
     return keys, P.record_nbytes(msg.content[P.ARRAYS])
-
-
-@contextmanager
-def count_tokens(model: torch.nn.Module):
-    """Count, per expert key, the tokens routed during training-mode forwards."""
-    layers = moe_layers(model)
-    counts = [torch.zeros(m.num_experts, dtype=torch.float64) for m in layers]
-
-    def hook(l):
-        def fn(module, _inp, _out):
-            if module.training and module.last is not None:
-                counts[l] += module.last.tokens_per_expert.double()
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(l)) for l, m in enumerate(layers)]
-    flat = np.zeros(0)
-    try:
-        yield lambda: torch.cat(counts).numpy() if counts else flat
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def node_profile(context: Context, model: torch.nn.Module, *, capacity_fn: Callable[[Context], dict] | None = None,
@@ -195,7 +168,8 @@ def expert_train(
         out = _train_result(raw, samples())
     if out[P.NUM_EXAMPLES] <= 0:
         raise ValueError(f"train_fn trained on {out[P.NUM_EXAMPLES]} examples; nothing to send")
-    sent = to_array_record({n: t.detach().clone() for n, t in sub_state(model.state_dict(), layout, keys).items()})
+    wire = sub_state(model_experts(model).to_wire(), layout, keys)
+    sent = to_array_record({n: t.detach().clone() for n, t in wire.items()})
     down_s, train_s, up_s = (
         timings(bytes_down, P.record_nbytes(sent), out[P.NUM_EXAMPLES], train_s) if timings else (0.0, train_s, 0.0)
     )
@@ -245,9 +219,9 @@ def expert_probe(msg: Message, model: torch.nn.Module, *, profile: P.NodeProfile
     """The QUERY reply: the node's profile and, if asked, its routing histogram."""
     content = RecordDict({P.PROFILE: profile.encode()})
     if bool(msg.content[P.CONFIG].get("probe", False)) and stats_inputs is not None and P.ARRAYS in msg.content:
-        received = from_array_record(msg.content[P.ARRAYS])
-        model.load_state_dict(received, strict=False)
-        set_active_experts(model, None)
+        experts = model_experts(model)
+        experts.load_wire(from_array_record(msg.content[P.ARRAYS]))
+        experts.set_active(None)
         hist, gate = routing_stats(model, stats_inputs)
         content[P.REPORT] = MetricRecord({P.HIST: P.encode_vector(hist), P.GATE_SHARE: P.encode_vector(gate)})
     return Message(content, reply_to=msg)

@@ -6,7 +6,6 @@ layer routes: one per sample for the MLP and CNN, one per position for the LM.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmoe_flwr.models import aux_loss, moe_layers
+from fedmoe_flwr.models.adapters import router_logits
 from fedmoe_flwr.models.evaluate import _per_sample_loss
 
 
@@ -92,21 +92,6 @@ def train_local(
     return LocalResult(seen // max(epochs, 1), total / max(seen, 1), tokens, expert_loss)
 
 
-@contextmanager
-def _router_logits(model: torch.nn.Module):
-    """Collect each MoE layer's raw router logits (before masking) during forwards."""
-    captured: list[list[torch.Tensor]] = [[] for _ in moe_layers(model)]
-    hooks = [
-        m.router.register_forward_hook(lambda _m, _i, out, l=l: captured[l].append(out.detach().reshape(-1, out.shape[-1])))
-        for l, m in enumerate(moe_layers(model))
-    ]
-    try:
-        yield captured
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 @torch.no_grad()
 def routing_stats(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 routing histogram and gate-mass share over ALL router rows, per expert key.
@@ -114,7 +99,7 @@ def routing_stats(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) 
     Both are shares: within each MoE layer they sum to 1 over that layer's experts.
     """
     model.eval()
-    with _router_logits(model) as captured:
+    with router_logits(model) as captured:
         xt = torch.from_numpy(np.ascontiguousarray(x))
         for i in range(0, len(xt), batch_size):
             model(xt[i : i + batch_size])

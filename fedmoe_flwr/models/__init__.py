@@ -1,5 +1,15 @@
-"""Models: the MoE layer with expert masking, the model zoo, and slicing by expert."""
+"""Models: the MoE layer with expert masking, the model zoo, slicing by expert, and the
+expert adapters that let any MoE model (your own, Hugging Face) be federated."""
 
+from fedmoe_flwr.models.adapters import (
+    MoESpec,
+    NoMoELayerError,
+    load_wire,
+    mask_experts,
+    model_experts,
+    to_wire,
+)
+from fedmoe_flwr.models.adapters.compact import build_compact
 from fedmoe_flwr.models.lm import MoELM, MoELMConfig
 from fedmoe_flwr.models.moe import (
     ExpertFFN,
@@ -46,17 +56,23 @@ __all__ = [
     "MoELayer",
     "MoEMLP",
     "MoEMLPConfig",
+    "MoESpec",
     "MoEStats",
+    "NoMoELayerError",
     "UnknownExpertError",
     "active_expert_keys",
     "active_param_count",
     "aux_loss",
+    "build_compact",
     "build_model",
     "expert_keys",
     "from_array_record",
     "held_expert_keys",
+    "load_wire",
     "make_ffn",
+    "mask_experts",
     "merge_sub_state",
+    "model_experts",
     "moe_layers",
     "param_layout",
     "set_active_experts",
@@ -65,4 +81,5 @@ __all__ = [
     "sub_state",
     "sub_state_names",
     "to_array_record",
+    "to_wire",
 ]

@@ -1,6 +1,8 @@
 """Slicing a model's state by expert: what a client receives, trains and sends back.
 
-A *state* is a ``dict[str, Tensor]`` keyed like ``model.state_dict()``. The layout
+A *state* is a ``dict[str, Tensor]`` keyed like the model's wire state
+(``models.adapters.to_wire``: its ``state_dict``, with fused ``[E, ...]`` expert tensors
+split into per-expert rows ``"<name>/E<e>"``). The layout
 (:class:`~fedmoe_flwr.layout.ParamLayout`) says which names belong to which expert; every
 other name (routers, embeddings, buffers, ...) is shared. Functions here never copy
 tensor data: returned dicts hold the same tensor objects, in the input's order.
@@ -14,39 +16,21 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from fedmoe_flwr.layout import ParamLayout, expert_key, parse_expert_key
-from fedmoe_flwr.models.moe import UnknownExpertError, moe_layers
+from fedmoe_flwr.layout import ParamLayout, parse_expert_key
+from fedmoe_flwr.models.adapters import model_experts
+from fedmoe_flwr.models.moe import UnknownExpertError
 
 State = Mapping[str, torch.Tensor]
 
 
 def param_layout(model: nn.Module) -> ParamLayout:
-    """Which state_dict names of ``model`` belong to which expert, and their byte sizes."""
-    state = model.state_dict()
-    prefix_of = {id(m): name for name, m in model.named_modules()}
-    expert_params: dict[str, tuple[str, ...]] = {}
-    router_params: dict[str, int] = {}
-    num_experts: dict[int, int] = {}
-    for l, layer in enumerate(moe_layers(model)):
-        prefix = prefix_of[id(layer)]
-        pre = f"{prefix}." if prefix else ""
-        num_experts[l] = layer.num_experts
-        for name in layer.router.state_dict():
-            router_params[f"{pre}router.{name}"] = l
-        for e, expert in enumerate(layer.experts):
-            names = tuple(f"{pre}experts.{e}.{n}" for n in expert.state_dict())
-            expert_params[expert_key(l, e)] = names
-    owned = {n for names in expert_params.values() for n in names}
-    missing = sorted((owned | set(router_params)) - set(state))
-    if missing:  # e.g. a module whose state_dict hooks rename entries
-        raise ValueError(f"expert/router names not in the model's state_dict: {missing[:4]}")
-    return ParamLayout(
-        expert_params=expert_params,
-        shared_params=tuple(n for n in state if n not in owned),
-        router_params=router_params,
-        nbytes={n: t.numel() * t.element_size() for n, t in state.items()},
-        num_experts=num_experts,
-    )
+    """Which wire names of ``model`` belong to which expert, and their byte sizes.
+
+    The model's MoE layers are found by its adapter (``models.adapters``); a model without
+    any raises :class:`~fedmoe_flwr.models.adapters.NoMoELayerError` unless it declares
+    itself dense. For models without fused expert tensors the names are ``state_dict`` keys.
+    """
+    return model_experts(model).layout()
 
 
 def _owner_map(layout: ParamLayout) -> dict[str, str | None]:

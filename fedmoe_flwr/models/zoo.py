@@ -143,4 +143,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
         kwargs["dense"] = True
     if "channels" in kwargs:  # Hydra/TOML give lists
         kwargs["channels"] = tuple(kwargs["channels"])
-    return _MODELS[base](cfg_cls(**kwargs))
+    model = _MODELS[base](cfg_cls(**kwargs))
+    if model.config.dense:
+        model.fedmoe_dense = True  # dense on purpose: an empty expert layout is no mistake
+    return model
