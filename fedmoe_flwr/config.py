@@ -10,6 +10,7 @@ Flower carries configuration as a flat ``run_config`` of scalars, so :func:`flat
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -17,7 +18,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from fedmoe_flwr.core.fitness import FitnessSettings
-from fedmoe_flwr.core.robust import RobustSettings
+from fedmoe_flwr.core.robust import AGGREGATORS, CLIPS, RobustSettings
 
 
 class _Name(str, Enum):
@@ -34,6 +35,12 @@ class StrategyName(_Name):
     random = "random"
     full = "full"
     dense = "dense"
+
+
+class ServerOpt(_Name):
+    avg = "avg"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
 
 
 class DatasetName(_Name):
@@ -119,7 +126,7 @@ class StrategyConfig(RobustSettings, FitnessSettings):
     deadline_slack: float = 0.9  # aligned plans within this share of the deadline
     pace_margin: float = 1.2  # aligned closes rounds at this x the slowest predicted reply; 0 = off
     # aggregation
-    server_opt: str = "avg"  # avg | fedadam | fedyogi
+    server_opt: ServerOpt = ServerOpt.avg
     server_lr: float = 1.0
     profile_ema: float = 0.3
 
@@ -176,11 +183,93 @@ def register_configs() -> None:
 
 
 def to_config(cfg: Any) -> Config:
-    """A validated :class:`Config` from a DictConfig, dict or Config (unknown keys raise)."""
-    if isinstance(cfg, Config):
-        return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    """A validated :class:`Config` from a DictConfig, dict or Config.
+
+    Unknown keys (``+strategy.foo=1`` included) and out-of-range values raise a
+    ``ValueError`` that names every offending key (:func:`check_config`).
+    """
+    if not isinstance(cfg, Config):
+        if not isinstance(cfg, dict):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        unknown = _unknown_keys(cfg, Config, "")
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    problems = check_config(cfg)
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    return cfg  # type: ignore[return-value]
+
+
+def _unknown_keys(tree: Any, cls, prefix: str) -> list[str]:
+    if not isinstance(tree, dict):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = []
+    for key, value in tree.items():
+        if key not in fields:
+            out.append(prefix + str(key))
+            continue
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            out += _unknown_keys(value, type(default), f"{prefix}{key}.")
+        elif key == "tiers" and isinstance(value, list):
+            for i, tier in enumerate(value):
+                out += _unknown_keys(tier, TierConfig, f"{prefix}{key}.{i}.")
+    return out
+
+
+def check_config(cfg: Config) -> list[str]:
+    """Every value outside its range, as ``"key: why"`` (empty when the config is sound)."""
+    bad: list[str] = []
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            bad.append(f"{key}: {why}, got {_get(cfg, key)!r}")
+
+    for key, value in flatten(cfg).items():  # every float finite
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{key}: must be finite, got {value!r}")
+    t, s, f, d, m = cfg.train, cfg.strategy, cfg.fleet, cfg.dataset, cfg.model
+    need(cfg.num_rounds >= 1, "num_rounds", "must be >= 1")
+    need(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    need(cfg.checkpoint_every >= 0 and cfg.checkpoint_keep >= 1, "checkpoint_every", "checkpoint_every >= 0, checkpoint_keep >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    need(t.max_batches is None or t.max_batches >= 1, "train.max_batches", "must be >= 1 or null")
+    need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(min(t.proximal_mu, t.balance_weight, t.z_weight, t.stats_samples) >= 0, "train.proximal_mu", "mu, weights, samples >= 0")
+    need(f.deadline_s is None or f.deadline_s > 0, "fleet.deadline_s", "must be > 0 or null")
+    need(f.jitter >= 0, "fleet.jitter", "must be >= 0")
+    for i, tier in enumerate(f.tiers):
+        need(tier.fraction >= 0 and 0 <= tier.reliability <= 1, f"fleet.tiers.{i}.fraction", "fraction >= 0, reliability in [0, 1]")
+        need(min(tier.samples_per_s, tier.uplink_mbps, tier.downlink_mbps) > 0, f"fleet.tiers.{i}.samples_per_s", "speeds must be > 0")
+    need(any(tier.fraction > 0 and tier.max_experts != 0 for tier in f.tiers), "fleet.tiers",
+         "at least one tier must hold an expert")
+    need(0 < s.fraction_train <= 1, "strategy.fraction_train", "must be in (0, 1]")
+    need(0 <= s.fraction_evaluate <= 1, "strategy.fraction_evaluate", "must be in [0, 1]")
+    need(s.min_train_nodes >= 1, "strategy.min_train_nodes", "must be >= 1")
+    need(0 < s.beta <= 1 and 0 < s.profile_ema <= 1, "strategy.beta", "beta and profile_ema must be in (0, 1]")
+    need(min(s.w_hist, s.w_gate, s.w_loss) >= 0 and s.w_hist + s.w_gate + s.w_loss > 0, "strategy.w_hist", "weights >= 0, one > 0")
+    need(min(s.kappa, s.band, s.price_step, s.pace_margin, s.max_share, s.sample_drift) >= 0, "strategy.kappa",
+         "kappa, band, price_step, pace_margin, max_share, sample_drift must be >= 0")
+    need(0 < s.deadline_slack <= 1 and 0 <= s.min_consistency <= 1, "strategy.deadline_slack", "slack in (0, 1], consistency in [0, 1]")
+    need(s.server_lr > 0, "strategy.server_lr", "must be > 0")
+    need(s.norm_bound is None or s.norm_bound > 0, "strategy.norm_bound", "must be > 0 or null")
+    need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
+    need(s.clip in CLIPS and (s.clip != "fixed" or (s.clip_norm or 0) > 0), "strategy.clip", f"one of {CLIPS}; fixed needs clip_norm > 0")
+    need(d.num_clients >= 1 and d.alpha > 0 and 0 <= d.holdout_fraction < 1, "dataset.num_clients",
+         "num_clients >= 1, alpha > 0, holdout_fraction in [0, 1)")
+    need(m.num_experts >= 1 and 1 <= m.top_k <= m.num_experts, "model.top_k", "1 <= top_k <= num_experts")
+    return bad
+
+
+def _get(cfg: Config, key: str):
+    value: Any = cfg
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else getattr(value, part, None)
+    return value
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -257,11 +257,17 @@ class ExpertStrategy(Strategy):
                 content[P.ARRAYS] = ArrayRecord({n: arrays[n] for n in self.layout.param_names([])})
             msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
-                self._register(reply)
+                self._register(reply, live=set(nodes))
         known = [n for n in nodes if n in self.node_clients]
         return sorted(known, key=lambda n: self.node_clients[n])
 
-    def _register(self, reply: Message) -> None:
+    def _register(self, reply: Message, live: set[int]) -> None:
+        """Bind a node to the client id its QUERY reply declares (docs/architecture.md#identity).
+
+        An id already bound to another connected node is refused (an id takeover); a node
+        that comes back under a new node id takes its id over, and its declared memory can
+        only shrink (a profile cannot grow its own budget by re-registering).
+        """
         node_id = reply.metadata.src_node_id
         if reply.has_error():
             log(WARNING, "node %s did not answer the profile query", node_id)
@@ -271,9 +277,18 @@ class ExpertStrategy(Strategy):
         except P.ProtocolError as ex:
             log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
             return
+        holder = next((n for n, c in self.node_clients.items() if c == prof.client_id and n != node_id), None)
+        if holder is not None and holder in live:
+            log(WARNING, "node %s claims client id %r, already bound to connected node %s; refused",
+                node_id, prof.client_id, holder)
+            return
+        memory = math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes
+        if holder is not None:  # the same client back under a new node id
+            del self.node_clients[holder]
+            memory = min(memory, self.state.profiles[prof.client_id].memory_bytes)
         self.node_clients[node_id] = prof.client_id
         declared = core.ClientProfile(
-            memory_bytes=math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes,
+            memory_bytes=memory,
             compute_tier=prof.tier or None,
             declared_samples_per_s=prof.samples_per_s,
             declared_uplink_Bps=prof.uplink_Bps,

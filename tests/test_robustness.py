@@ -1,0 +1,237 @@
+"""Lying clients and bad input: no reply can crash a run, capture an expert or be weighted by
+its own claims. One test per finding of the adversarial probe, and a fuzz test of the hooks."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from fedmoe_flwr import core
+from fedmoe_flwr import protocol as P
+from fedmoe_flwr.config import to_config
+from fedmoe_flwr.layout import ParamLayout
+from tests.test_strategy import _with_id, build_setup
+
+K = 4
+LAYOUT = ParamLayout(
+    expert_params={f"L0.E{e}": (f"e{e}",) for e in range(K)},
+    shared_params=("w", "router"),
+    router_params={"router": 0},
+    nbytes={"w": 24, "router": 4 * K * 2, **{f"e{e}": 24 for e in range(K)}},
+    num_experts={0: K},
+)
+GLOBAL = {"w": np.zeros(3, np.float64), "router": np.zeros((K, 2)), **{f"e{e}": np.zeros(3) for e in range(K)}}
+
+
+def _reply(target: float, experts, n=100, tokens=None, hist=None) -> core.Received:
+    held = [f"L0.E{e}" for e in experts]
+    params = {n_: np.full_like(GLOBAL[n_], target) for n_ in LAYOUT.param_names(held)}
+    tok = np.zeros(K)
+    tok[list(experts)] = n if tokens is None else tokens
+    report = core.ClientReport(num_examples=n, train_loss=1.0, down_s=0, train_s=1, up_s=0,
+                               hist=np.full(K, 1 / K) if hist is None else np.asarray(hist, float),
+                               gate=np.full(K, np.nan), tokens=tok, expert_loss=np.full(K, np.nan))
+    return core.Received(params, report, bytes_up=100)
+
+
+def _round(replies: dict, registered=None, **robust):
+    state, _ = core.ensure_clients(core.init_state(LAYOUT.expert_keys), list(replies))
+    sent = {c: core.Sent(c, tuple(f"L0.E{e}" for e in ex), 100) for c, (r, ex) in replies.items()}
+    inputs = core.RoundInputs(1, sent, {c: r for c, (r, _) in replies.items()},
+                              registered=registered or {c: 100 for c in replies})
+    settings_ = core.RoundSettings(robust=core.RobustSettings(**robust))
+    return core.apply_round(state, GLOBAL, LAYOUT, inputs, settings_)
+
+
+def test_inflated_sample_and_token_claims_cannot_move_an_expert_to_the_attackers_target():
+    """Finding: tokens = num-examples = 1e12 moved an expert and the shared weights 100% to the target."""
+    honest = {f"h{i}": (_reply(0.1, [0, 1]), [0, 1]) for i in range(4)}
+    attack = {"evil": (_reply(50.0, [0, 1], n=10**12, tokens=10**12), [0, 1])}
+    _, new, stats = _round({**honest, **attack})
+    assert "evil" in stats.accepted
+    for name in ("e0", "w"):  # clipped to the median norm and capped at 2/5 of the weight
+        assert np.abs(new[name]).max() < 0.1 * 1.5, name
+    _, naive, _ = _round({**honest, **attack}, clip="none", max_share=0, sample_drift=1e30)
+    assert naive["e0"].max() > 49, "without the defaults the attack wins (the finding)"
+
+
+def test_share_cap_and_sample_cap_are_exact():
+    w = core.robust.cap_shares(np.array([1000.0, 1.0, 1.0, 1.0]), 2.0)
+    assert w[0] / w.sum() == pytest.approx(0.5) and (w[1:] == 1.0).all()
+    assert core.robust.trusted_samples(1e12, 100, 0.5) == 150.0
+    assert core.robust.trusted_samples(80, 100, 0.5) == 80.0
+
+
+@given(st.lists(st.floats(0, 1e9), min_size=1, max_size=30), st.floats(1.0, 10.0))
+def test_cap_shares_property(weights, max_share):
+    w = np.array(weights)
+    out = core.robust.cap_shares(w, max_share)
+    m = int((w > 0).sum())
+    assert (out <= w + 1e-9 * (1 + w)).all() and (out >= 0).all()
+    if m > 1 and out.sum() > 0:
+        assert (out / out.sum() <= min(1.0, max_share / m) + 1e-9).all()
+    assert np.array_equal(np.argsort(-w, kind="stable")[: m], np.argsort(-out, kind="stable")[: m]) or len(set(out)) < len(out)
+
+
+@pytest.mark.parametrize("hist", [[1e9, 0, 0, 0], [-50, 1, 0, 0], [0.5, 0.5, 0.5, 0.5], [np.inf, 0, 0, 0]])
+def test_a_histogram_that_is_not_a_distribution_is_rejected_with_its_reason(hist):
+    """Finding: 1e9 or -50 histogram entries captured an expert."""
+    _, _, stats = _round({"h": (_reply(0.1, [0]), [0]), "liar": (_reply(0.1, [0], hist=hist), [0])})
+    assert "liar" in stats.rejected and "histogram" in stats.rejected["liar"]
+
+
+def test_a_one_hot_histogram_that_contradicts_the_tokens_gets_no_fitness_update():
+    """Finding: a one-hot histogram won the target expert every round."""
+    liar = _reply(0.1, [0, 1], tokens=50, hist=[0, 1, 0, 0])  # claims expert 1, routed evenly over 0 and 1
+    liar.report.tokens[:] = [95, 5, 0, 0]
+    state, _, stats = _round({"liar": (liar, [0, 1]), "h": (_reply(0.1, [0, 1]), [0, 1])})
+    assert "liar" in stats.accepted
+    assert not state.fitness.seen[state.client_index["liar"]], "no say in fitness"
+    assert state.fitness.seen[state.client_index["h"]]
+
+
+def test_a_reply_delivered_twice_is_aggregated_once_and_unsent_nodes_are_ignored():
+    """Finding: the same reply delivered twice was aggregated twice (7 of 6 sent)."""
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
+    stranger = copy.deepcopy(replies[0])
+    stranger.metadata.__dict__["_src_node_id"] = 987654321
+    strat.aggregate_train(1, replies + [replies[0], stranger])
+    assert strat.last.metrics["num_aggregated"] == len(replies) <= strat.last.metrics["num_sent"]
+
+
+def test_a_second_node_claiming_a_connected_clients_id_is_refused():
+    """Finding: node 9 claiming client-id 5 with memory 0 locked the real client 5 out."""
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
+    list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    victim_node, victim = next(iter(strat.node_clients.items()))
+    before = strat.state.profiles[victim]
+    claim = Message(RecordDict({P.PROFILE: P.NodeProfile(victim, expert_memory_bytes=0).encode()}),
+                    reply_to=_with_id(Message(RecordDict(), dst_node_id=999, message_type=MessageType.QUERY)))
+    claim.metadata.__dict__["_src_node_id"] = 999
+    strat._register(claim, live=set(strat.node_clients) | {999})
+    assert 999 not in strat.node_clients and strat.node_clients[victim_node] == victim
+    assert strat.state.profiles[victim] == before
+
+
+@pytest.mark.parametrize("override", [
+    {"train": {"lr": -1.0}}, {"train": {"lr": float("nan")}}, {"train": {"batch_size": 0}},
+    {"fleet": {"deadline_s": -5.0}}, {"fleet": {"tiers": [{"name": "z", "max_experts": 0}]}},
+    {"strategy": {"norm_bound": float("nan")}}, {"strategy": {"beta": float("nan")}}, {"eval_every": 0},
+    {"num_rounds": 0}, {"strategy": {"server_opt": "bogus"}}, {"strategy": {"foo": 1}},
+    {"strategy": {"aggregator": "krum"}},
+])
+def test_configs_that_would_train_nothing_are_refused(override):
+    """Finding: lr=-1, batch_size=0, every tier with 0 experts, ... exited 0."""
+    with pytest.raises(Exception) as info:
+        to_config(OmegaConf.create(override))
+    leaf, node = next(iter(override.items()))
+    while isinstance(node, dict):
+        leaf, node = next(iter(node.items()))
+    assert leaf in str(info.value) or "bogus" in str(info.value), "the error names the setting"
+
+
+# ---------------------------------------------------------------------------- fuzz
+VALUES = st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+                   st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=12),
+                   st.lists(st.integers(-5, 10**9), max_size=12))
+REPORT_KEYS = sorted(P.REPORT_KEYS)
+
+
+@st.composite
+def mutations(draw):
+    """A list of (reply index, what to do) edits to a round's real replies."""
+    edits = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["drop_key", "set_key", "drop_record", "arrays", "nan_array", "config_report"]))
+        edits.append((draw(st.integers(0, 5)), kind, draw(st.sampled_from(REPORT_KEYS)), draw(VALUES)))
+    return edits
+
+
+@pytest.fixture(scope="module")
+def round_one():
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
+    return strat, replies
+
+
+def _apply(reply: Message, kind: str, key: str, value) -> Message:
+    content = copy.deepcopy(reply.content)
+    if kind in ("drop_key", "set_key") and P.REPORT not in content:
+        return reply
+    if kind == "drop_key" and key in content[P.REPORT]:
+        del content[P.REPORT][key]
+    elif kind == "set_key":
+        try:
+            content[P.REPORT][key] = value
+        except Exception:  # noqa: BLE001 - a value Flower itself cannot carry never reaches the server
+            pass
+    elif kind == "drop_record":
+        record = P.REPORT if key < "n" else P.ARRAYS
+        if record in content:
+            del content[record]
+    elif kind == "arrays":
+        content[P.ARRAYS] = ArrayRecord({"moe.experts.0.fc1.weight": Array(np.zeros((2, 3), np.float32)),
+                                          "junk": Array(np.ones(4, np.int64))})
+    elif kind == "nan_array" and P.ARRAYS in content and len(content[P.ARRAYS]):
+        name = next(iter(content[P.ARRAYS]))
+        a = content[P.ARRAYS][name].numpy().copy()
+        a.flat[0] = np.nan
+        content[P.ARRAYS][name] = Array(a)
+    elif kind == "config_report":
+        content[P.REPORT] = MetricRecord({P.NUM_EXAMPLES: 1})
+        content[P.PROFILE] = ConfigRecord({"client-id": "x"})
+    out = copy.deepcopy(reply)
+    out.content = content
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations())
+def test_fuzzed_replies_never_escape_the_hooks_and_nothing_invalid_is_aggregated(round_one, edits):
+    strat, replies = round_one
+    strat = copy.deepcopy(strat)
+    replies = list(replies)
+    for i, kind, key, value in edits:
+        replies[i % len(replies)] = _apply(replies[i % len(replies)], kind, key, value)
+    new, metrics = strat.aggregate_train(1, replies)
+    m = strat.last.metrics
+    assert m["num_aggregated"] + m["num_rejected"] + m["num_dropped"] == m["num_sent"]
+    if new is not None:
+        assert all(np.isfinite(a.numpy()).all() for a in new.values())
+    evaluated = [_apply(r, kind, key, value) for r, (_, kind, key, value) in zip(replies, edits)]
+    for r in evaluated:  # an EVALUATE reply shaped like anything
+        r.content[P.METRICS] = MetricRecord({P.NUM_EXAMPLES: value if isinstance(value, (int, float)) else -1, "accuracy": 0.5})
+    strat.aggregate_evaluate(1, evaluated)
+    for r in evaluated:  # and a QUERY reply
+        strat._register(r, live=set())
+
+
+@pytest.mark.parametrize("profile", [
+    {}, {"client-id": ""}, {"client-id": "a", "expert-memory-bytes": "lots"}, {"client-id": "a", "reliability": 7.0},
+])
+def test_a_malformed_query_reply_is_refused_not_raised(profile):
+    """Finding: a QUERY reply without client-id, or with memory "lots", aborted the run."""
+    strat = build_setup("aligned")[3]
+    reply = Message(RecordDict({P.PROFILE: ConfigRecord(profile)}),
+                    reply_to=_with_id(Message(RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)))
+    strat._register(reply, live=set())
+    assert not strat.node_clients
+
+
+def test_an_invalid_timing_is_rejected_with_a_reason_that_is_not_ok():
+    cfg, layout, grid, strat, arrays = build_setup("aligned")
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
+    replies[0].content[P.REPORT][P.TRAIN_TIME] = -3.0
+    strat.aggregate_train(1, replies)
+    (why,) = strat.last.rejected.values()
+    assert why != "ok" and "times" in why
