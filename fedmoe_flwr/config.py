@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from fedmoe_flwr.core.fitness import FitnessSettings
 from fedmoe_flwr.core.robust import AGGREGATORS, CLIPS, RobustSettings
@@ -185,15 +186,15 @@ def register_configs() -> None:
 def to_config(cfg: Any) -> Config:
     """A validated :class:`Config` from a DictConfig, dict or Config.
 
-    Unknown keys (``+strategy.foo=1`` included) and out-of-range values raise a
-    ``ValueError`` that names every offending key (:func:`check_config`).
+    Unknown keys (``+strategy.foo=1`` included) raise a ``ConfigKeyError`` and out-of-range
+    values a ``ValueError``, each naming every offending key (:func:`check_config`).
     """
     if not isinstance(cfg, Config):
         if not isinstance(cfg, dict):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         unknown = _unknown_keys(cfg, Config, "")
         if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+            raise ConfigKeyError(f"unknown config key(s): {', '.join(unknown)}")
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     problems = check_config(cfg)
     if problems:

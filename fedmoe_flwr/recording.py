@@ -21,45 +21,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Result
 
 from fedmoe_flwr.protocol import scalars
+from fedmoe_flwr.strategies.wrapper import StrategyWrapper
 
 RowSink = Callable[[int, ArrayRecord, dict], None]
 
 
-class RecordedStrategy(Strategy):
+class RecordedStrategy(StrategyWrapper):
     """Wraps ``inner``; see the module doc. Attributes not defined here are ``inner``'s."""
 
     def __init__(self, inner, on_round: RowSink, *, round_offset: int = 0) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.on_round = on_round
         self.round_offset = int(round_offset)  # a resumed run: Flower's round 1 is offset + 1
         self._row: dict = {}
         self.result: Result | None = None
 
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def summary(self) -> None:
-        self.inner.summary()
-
     def configure_train(self, server_round, arrays, config, grid):
         self._row = {}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
         self._row.update(_scalars(metrics))
         return arrays, metrics
 
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
     def aggregate_evaluate(self, server_round, replies):
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
         self._row.update(_scalars(metrics))
         return metrics
 

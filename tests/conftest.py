@@ -10,3 +10,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedmoe-flwr-home-"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def runtime_identity():
+    """Messages take their run id from the process's task identity (Flower's runtime sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) if hasattr(TaskIdentity, "_task_id") else None
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    if saved is not None:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

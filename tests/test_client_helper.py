@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedmoe_flwr import protocol as P
@@ -47,13 +46,8 @@ def user_train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 5) -
 
 
 @pytest.fixture(autouse=True)
-def runtime_identity():
-    """Messages take their run id from the process's task identity (Flower's runtime sets it)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) if hasattr(TaskIdentity, "_task_id") else None
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    if saved is not None:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def _identity(runtime_identity):
+    """Every test here builds messages outside Flower's runtime (tests/conftest.py)."""
 
 
 @pytest.fixture

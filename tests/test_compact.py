@@ -81,18 +81,6 @@ def test_compact_errors():
         mask_experts(compact, ["L0.E2", "L1.E0"])
 
 
-@pytest.fixture
-def runtime_identity():
-    """Messages take their run id from the process's task identity (Flower's runtime sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id) if hasattr(TaskIdentity, "_task_id") else None
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    if saved is not None:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def test_expert_train_on_a_compact_hf_model_replies_with_exactly_what_it_got(runtime_identity):
     import numpy as np
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from flwr.serverapp.strategy import Strategy
+from fedmoe_flwr.strategies.wrapper import StrategyWrapper
 
 from .payload import Checkpoint, capture_rng, restore_rng
 from .store import CHECKPOINT_DIR, CheckpointError, atomic_write_bytes, checkpoint_dir, load_latest, save_checkpoint
@@ -184,7 +184,7 @@ def save_resolved_config(cfg, run_dir: str | os.PathLike, subdir: str | None = "
 
 
 # ---------------------------------------------------------------------------- Flower wrappers
-class ResumedStrategy(Strategy):
+class ResumedStrategy(StrategyWrapper):
     """Delegates every hook to ``inner`` with the round shifted by ``offset``.
 
     Flower's ``start()`` counts rounds from 1; wrapped, its round 1 is the inner strategy's
@@ -193,29 +193,15 @@ class ResumedStrategy(Strategy):
     """
 
     def __init__(self, inner, offset: int):
-        self.inner = inner
+        super().__init__(inner)
         self.offset = int(offset)
 
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    def inner_round(self, server_round: int) -> int:
+        return server_round + self.offset
 
     def summary(self) -> None:
         self.inner.summary()
         log.info("resuming %s after round %d", type(self.inner).__name__, self.offset)
-
-    def configure_train(self, server_round, arrays, config, grid):
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_train(self, server_round, replies):
-        return self.inner.aggregate_train(server_round + self.offset, replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
 def offset_evaluate_fn(fn: Callable, offset: int) -> Callable:

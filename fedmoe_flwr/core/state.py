@@ -106,16 +106,13 @@ def ensure_client(
     return new, int(rows[0])
 
 
+DECLARED_FIELDS = ("memory_bytes", "compute_tier", "declared_samples_per_s", "declared_uplink_Bps",
+                   "declared_downlink_Bps", "declared_reliability")
+"""The fields of a :class:`ClientProfile` a client declares (the others are measured)."""
+
+
 def _merge_declared(old: ClientProfile, decl: ClientProfile) -> ClientProfile:
-    return replace(
-        old,
-        memory_bytes=decl.memory_bytes,
-        compute_tier=decl.compute_tier,
-        declared_samples_per_s=decl.declared_samples_per_s,
-        declared_uplink_Bps=decl.declared_uplink_Bps,
-        declared_downlink_Bps=decl.declared_downlink_Bps,
-        declared_reliability=decl.declared_reliability,
-    )
+    return replace(old, **{f: getattr(decl, f) for f in DECLARED_FIELDS})
 
 
 def client_rows(state: AlignmentState, client_ids: Iterable[str]) -> np.ndarray:

@@ -7,6 +7,7 @@ from fedmoe_flwr.models.adapters import (
     load_wire,
     mask_experts,
     model_experts,
+    set_active_experts,
     to_wire,
 )
 from fedmoe_flwr.models.adapters.compact import build_compact
@@ -22,7 +23,6 @@ from fedmoe_flwr.models.moe import (
     expert_keys,
     make_ffn,
     moe_layers,
-    set_active_experts,
 )
 from fedmoe_flwr.models.slicing import (
     from_array_record,

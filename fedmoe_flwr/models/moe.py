@@ -253,39 +253,6 @@ class UnknownExpertError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def set_active_experts(model: nn.Module, keys: Iterable[str] | None) -> None:
-    """Activate exactly the experts ``keys`` (``"L{l}.E{i}"``) in every MoE layer; None = all.
-
-    Raises ValueError (before changing anything) on a malformed or unknown key, or if some
-    MoE layer would be left without an active expert (it could not route its tokens).
-    """
-    layers = moe_layers(model)
-    if keys is None:
-        for m in layers:
-            m.set_active(None)
-        return
-    if isinstance(keys, str):
-        raise TypeError("keys must be an iterable of expert keys, not one string")
-    masks = [torch.zeros(m.num_experts, dtype=torch.bool) for m in layers]
-    for key in keys:
-        l, e = parse_expert_key(key)
-        if l >= len(layers) or e >= layers[l].num_experts:
-            raise UnknownExpertError(
-                f"unknown expert key {key!r}: model has {len(layers)} MoE layers with "
-                f"{[m.num_experts for m in layers]} experts"
-            )
-        masks[l][e] = True
-    empty = [l for l, mask in enumerate(masks) if not bool(mask.any())]
-    if empty:
-        raise ValueError(
-            f"MoE layer(s) {empty} would have no active expert; every layer needs at least "
-            f"one held expert to route tokens (got keys for layers "
-            f"{sorted({l for l, mask in enumerate(masks) if bool(mask.any())})})"
-        )
-    for m, mask in zip(layers, masks):
-        m.set_active(mask)
-
-
 def active_param_count(model: nn.Module) -> int:
     """Parameters used per token: all parameters minus the experts a token does not visit.
 

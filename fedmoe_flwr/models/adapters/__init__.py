@@ -15,6 +15,7 @@ from fedmoe_flwr.models.adapters.model import (
     mask_experts,
     model_experts,
     router_logits,
+    set_active_experts,
     to_wire,
 )
 from fedmoe_flwr.models.adapters.spec import MoESpec
@@ -28,6 +29,7 @@ __all__ = [
     "NoMoELayerError",
     "TopKRouterLayer",
     "count_tokens",
+    "set_active_experts",
     "find_layers",
     "load_wire",
     "mask_experts",

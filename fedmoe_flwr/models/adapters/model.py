@@ -244,3 +244,12 @@ def router_logits(model: nn.Module):
     finally:
         for h in handles:
             h.remove()
+
+
+def set_active_experts(model: nn.Module, keys: Iterable[str] | None) -> None:
+    """Activate exactly the experts ``keys`` (``"L{l}.E{i}"``) in every MoE layer; None = all.
+
+    Raises ValueError (before changing anything) on a malformed or unknown key, or if some
+    MoE layer would be left without an active expert (it could not route its tokens).
+    """
+    model_experts(model).set_active(keys)
