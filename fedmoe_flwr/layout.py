@@ -66,6 +66,11 @@ class ParamLayout:
         return sum(self.nbytes[n] for n in self.expert_params[key])
 
     @cached_property
+    def layer_of(self) -> np.ndarray:
+        """``[K]`` the MoE layer of each expert, in :attr:`expert_keys` order."""
+        return np.array([parse_expert_key(k)[0] for k in self.expert_keys], dtype=np.int64)
+
+    @cached_property
     def expert_of(self) -> dict[str, str]:
         """Tensor name -> the expert key it belongs to (expert tensors only)."""
         return {n: k for k, names in self.expert_params.items() for n in names}

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..layout import ParamLayout, parse_expert_key
+from ..layout import ParamLayout
 from .accounting import round_cost
 from .aggregate import ClientUpdate, aggregate_experts, server_step
 from .fitness import FitnessSettings, fitness_signal, update_fitness
@@ -160,19 +160,14 @@ def check_reply(reply: Received, sent: Sent, params: Mapping[str, np.ndarray], l
     ok, why = validate_report(_token_map(reply, sent, layout), held=sent.experts, num_samples=reply.report.num_examples)
     if not ok:
         return why
-    layer_of = _layer_of(layout)
-    return signal_problem(reply.report.hist, layer_of, "routing histogram") or signal_problem(
-        reply.report.gate, layer_of, "gate share")
-
-
-def _layer_of(layout: ParamLayout) -> np.ndarray:
-    return np.array([parse_expert_key(k)[0] for k in layout.expert_keys], dtype=np.int64)
+    return signal_problem(reply.report.hist, layout.layer_of, "routing histogram") or signal_problem(
+        reply.report.gate, layout.layer_of, "gate share")
 
 
 def _trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, layout: ParamLayout,
                      settings: RoundSettings) -> list[ClientUpdate]:
     """The accepted replies with the weights the server can defend (:mod:`.robust`)."""
-    keys, layer_of = layout.expert_keys, _layer_of(layout)
+    keys, layer_of = layout.expert_keys, layout.layer_of
     if not accepted:
         return []
     samples = np.array([trusted_samples(r.report.num_examples, inputs.registered.get(cid), settings.robust.sample_drift)
@@ -266,7 +261,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         state = replace(state, opt_state=opt_state)
 
     state = replace(state, profiles=update_profiles(state.profiles, observations, ema=settings.profile_ema))
-    keys, layer_of = layout.expert_keys, _layer_of(layout)
+    keys, layer_of = layout.expert_keys, layout.layer_of
     for u, (cid, r) in zip(updates, accepted):
         trained = np.array([k in u.held for k in keys])
         if signal_consistency(r.report.hist, r.report.tokens, trained, layer_of) < settings.robust.min_consistency:
