@@ -21,7 +21,8 @@ def train(msg: Message, context: Context):
 @app.query()
 def query(msg: Message, context: Context):
     """Tell the server this node's capacity (a simulated fleet of 1-4 experts) and how its data routes."""
-    model, (trainloader, _) = Net(), load_data(context.node_config["partition-id"], context.node_config["num-partitions"])
+    model = Net()
+    trainloader, _ = load_data(context.node_config["partition-id"], context.node_config["num-partitions"])
     profile = node_profile(context, model, capacity_fn=lambda ctx: {"max-experts": 1 + ctx.node_config["partition-id"] % 4})
     return expert_probe(msg, model, profile=profile, stats_inputs=trainloader.dataset.tensors[0].numpy())
 
