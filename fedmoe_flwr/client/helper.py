@@ -155,9 +155,9 @@ def _train_result(out, counted: int) -> dict:
     """
     if isinstance(out, bool) or out is None:
         raise TypeError(f"train_fn returned {out!r}; expected a float loss, a dict, a (loss, n) pair or an int")
-    if isinstance(out, int):
-        return {P.NUM_EXAMPLES: out, P.TRAIN_LOSS: math.nan, "metrics": {}}
-    if isinstance(out, float) or (isinstance(out, torch.Tensor) and out.numel() == 1):
+    if _is_int(out):
+        return {P.NUM_EXAMPLES: int(out), P.TRAIN_LOSS: math.nan, "metrics": {}}
+    if _is_scalar(out) or (isinstance(out, torch.Tensor) and out.numel() == 1):
         return {P.NUM_EXAMPLES: counted, P.TRAIN_LOSS: float(out), "metrics": {}}
     if isinstance(out, tuple) and len(out) == 2:
         return {P.NUM_EXAMPLES: int(out[1]), P.TRAIN_LOSS: float(out[0]), "metrics": {}}
