@@ -261,7 +261,7 @@ def test_the_readme_recipe_runs_in_a_loopback_deployment(tmp_path):
     # the SuperNodes' app processes import this checkout's fedmoe_flwr and write the test's notes
     fed.env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), fed.env.get("PYTHONPATH")])), DROPIN_LOG=str(notes))
     with fed:
-        result = fed.run(app_dir, {**RUN_CONFIG, "output-dir": str(out)}, timeout=540)
+        result = fed.run(app_dir, {**RUN_CONFIG, "output-dir": str(out)}, timeout=540, done_file=out / "summary.json")
     assert result.status == "finished:completed", result.output[-3000:]
     check_recipe_run(out, notes)
 
