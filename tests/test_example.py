@@ -137,3 +137,20 @@ def test_stock_and_switched_apps_train_and_the_switched_one_respects_node_budget
         assert r["num_aggregated"] >= 1, r
         assert r["personal_failed"] == 0 and 0 < r["personal_accuracy"] <= 1, "evaluate replies succeed"
         assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0, "the float loss of the user's train()"
+
+
+@pytest.mark.slow
+def test_both_apps_run_back_to_back_on_one_local_superlink(tmp_path):
+    """`flwr run . local` keeps its SuperLink up between runs: the apps' distinct package names
+    keep the second run from finding the first one's modules."""
+    import os
+
+    from fedmoe_flwr.deploy.launcher import LocalSimulation
+
+    root = str(Path(__file__).resolve().parents[1])
+    with LocalSimulation(tmp_path, num_supernodes=NUM_NODES) as sim:
+        sim.env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, sim.env.get("PYTHONPATH")]))  # this checkout
+        results = [sim.run(app, {"num-server-rounds": 2}, timeout=400) for app in (STOCK, SWITCHED)]
+    assert [r.status for r in results] == ["finished:completed"] * 2, [r.output[-2000:] for r in results]
+    rows = [json.loads(line) for line in (tmp_path / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["num_aggregated"] >= 1 for r in rows[1:])
