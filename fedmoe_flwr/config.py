@@ -50,12 +50,14 @@ class DatasetName(_Name):
     fashion_mnist = "fashion_mnist"
     synthetic = "synthetic"
     shakespeare = "shakespeare"
+    custom = "custom"  # the user's own loader: dataset.loader (fedmoe_flwr/data/custom.py)
 
 
 class ModelName(_Name):
     moe_mlp = "moe_mlp"
     moe_cnn = "moe_cnn"
     moe_lm = "moe_lm"
+    custom = "custom"  # the user's own factory: model.factory (fedmoe_flwr/models/custom.py)
 
 
 class Backend(_Name):
@@ -72,11 +74,17 @@ class DatasetConfig:
     holdout_fraction: float = 0.2
     max_train_samples: Optional[int] = None
     num_domains: int = 4
+    # name=custom: an import string "my_pkg.data:load" and, for a datasets.Dataset, its columns
+    loader: str = ""
+    feature_column: str = ""  # "" = the one column that is neither label nor id
+    label_column: str = "label"
+    id_column: str = ""  # natural client ids (partitioner=natural)
 
 
 @dataclass
 class ModelConfig:
     name: ModelName = ModelName.moe_mlp
+    factory: str = ""  # name=custom: an import string "my_pkg.models:build" returning an MoE nn.Module
     num_experts: int = 8
     top_k: int = 1
     d_model: int = 64

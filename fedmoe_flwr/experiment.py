@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from fedmoe_flwr.config import Config, ModelName, flatten, unflatten
+from fedmoe_flwr.config import Config, DatasetName, ModelName, flatten, unflatten
 from fedmoe_flwr.data import load_federated
 from fedmoe_flwr.models import build_model, param_layout
 
@@ -18,6 +18,12 @@ from fedmoe_flwr.models import build_model, param_layout
 def load_data(cfg: Config):
     """The federated dataset the config names (cached by the data package)."""
     d = cfg.dataset
+    if d.name == DatasetName.custom:
+        from fedmoe_flwr.data.custom import load_custom
+
+        return load_custom(d.loader, d.num_clients, d.partitioner, d.alpha, cfg.seed, d.holdout_fraction,
+                           d.max_train_samples, feature_column=d.feature_column, label_column=d.label_column,
+                           id_column=d.id_column)
     return load_federated(
         d.name.value,
         num_clients=d.num_clients,
@@ -40,10 +46,13 @@ def model_kwargs(cfg: Config, data) -> tuple[str, dict]:
         shared_expert=m.shared_expert,
         d_model=m.d_model,
     )
+    in_dim = 1
+    for s in data.input_shape:
+        in_dim *= int(s)
+    if m.name == ModelName.custom:
+        return "custom", dict(common, in_dim=in_dim, input_shape=tuple(int(s) for s in data.input_shape),
+                              num_classes=data.num_classes)
     if m.name == ModelName.moe_mlp:
-        in_dim = 1
-        for s in data.input_shape:
-            in_dim *= int(s)
         return "moe_mlp", dict(common, in_dim=in_dim, num_classes=data.num_classes, num_moe_layers=m.num_moe_layers)
     if m.name == ModelName.moe_cnn:
         return "moe_cnn", dict(common, num_classes=data.num_classes)
@@ -58,6 +67,10 @@ def build(cfg: Config, data, *, dense: bool = False) -> torch.nn.Module:
     """A freshly initialised model; the initial weights depend only on ``cfg.seed``."""
     name, kwargs = model_kwargs(cfg, data)
     torch.manual_seed(cfg.seed)
+    if name == "custom":
+        from fedmoe_flwr.models.custom import build_custom
+
+        return build_custom(cfg.model.factory, kwargs, dense=dense)
     return build_model(name, dense=dense, **kwargs)
 
 

@@ -80,12 +80,52 @@ def _scalars(record: MetricRecord | None) -> dict:
     return {} if record is None else scalars(record)
 
 
-def record_run(strategy, out_dir: str | os.PathLike, *, loggers: tuple[str, ...] = ("jsonl", "csv")) -> RecordedStrategy:
+def no_progress(rows: list[dict]) -> str | None:
+    """Why a recorded run trained nothing (every round aggregated no update), else None.
+
+    Rows without ``num_aggregated`` (a strategy that keeps no server-side figures) never fail.
+    """
+    trained = [r for r in rows if r.get("round", 0) > 0 and "num_aggregated" in r]
+    if trained and not any(r["num_aggregated"] > 0 for r in trained):
+        return (f"no round aggregated any update ({len(trained)} rounds): every client failed or was dropped; "
+                "see the log for each client's reason")
+    return None
+
+
+class RecordedRun(RecordedStrategy):
+    """What :func:`record_run` returns: a :class:`RecordedStrategy` that keeps its rows and
+    whose :meth:`start` raises RuntimeError when no round aggregated any update (a run
+    where every client failed must not look like a finished one)."""
+
+    def __init__(self, inner, on_round: RowSink, on_end: Callable[[], None] | None = None) -> None:
+        self.rows: list[dict] = []
+        self.on_end = on_end
+
+        def keep(rnd: int, arrays: ArrayRecord, row: dict) -> None:
+            on_round(rnd, arrays, row)
+            self.rows.append(row)
+
+        super().__init__(inner, keep)
+
+    def start(self, *args, **kwargs) -> Result:
+        try:
+            result = super().start(*args, **kwargs)
+        finally:
+            if self.on_end is not None:
+                self.on_end()
+        if (why := no_progress(self.rows)) is not None:
+            raise RuntimeError(why)
+        return result
+
+
+def record_run(strategy, out_dir: str | os.PathLike, *, loggers: tuple[str, ...] = ("jsonl", "csv")) -> RecordedRun:
     """Wrap any Flower strategy so its run writes ``metrics.jsonl`` (and ``metrics.csv``) to
-    ``out_dir``, readable by ``python -m fedmoe_flwr.report out_dir``::
+    ``out_dir`` after every round and ``summary.json`` at the end, readable by ``python -m fedmoe_flwr.report out_dir``::
 
         strategy = record_run(AlignedStrategy(layout), "outputs/my-run")
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=5)
+
+    ``start`` raises RuntimeError (after writing the rows) when no round aggregated any update.
     """
     from fedmoe_flwr.tracking import make_loggers
 
@@ -99,4 +139,15 @@ def record_run(strategy, out_dir: str | os.PathLike, *, loggers: tuple[str, ...]
         for sink in sinks:
             sink.log_round(row)
 
-    return RecordedStrategy(strategy, on_round)
+    def close() -> None:  # the run's summary, as run.py writes it (the report labels runs by it)
+        from fedmoe_flwr.outputs import summarize, write_json
+
+        for sink in sinks:
+            sink.close()
+        summary = summarize(recorded.rows, [], strategy=getattr(strategy, "name", type(strategy).__name__),
+                            seed=int(getattr(strategy, "seed", -1)))
+        summary["wall_time_total"] = time.perf_counter() - t0
+        write_json(out / "summary.json", summary)
+
+    recorded = RecordedRun(strategy, on_round, close)
+    return recorded

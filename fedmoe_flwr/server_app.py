@@ -25,7 +25,7 @@ from fedmoe_flwr.experiment import build, experiment_for
 from fedmoe_flwr.models import set_active_experts
 from fedmoe_flwr.models.slicing import from_array_record, to_array_record
 from fedmoe_flwr.outputs import summarize, write_json
-from fedmoe_flwr.recording import RecordedStrategy
+from fedmoe_flwr.recording import RecordedStrategy, no_progress
 
 log = logging.getLogger("fedmoe_flwr")
 
@@ -162,10 +162,8 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
         write_json(out / "summary.json", summary)
         if cfg.save_model and recorder.arrays is not None:
             torch.save(from_array_record(recorder.arrays), out / "model.pt")
-    trained = [r for r in recorder.rows if r.get("round", 0) > 0]
-    if trained and not any(r.get("num_aggregated", 0) > 0 for r in trained):
-        raise RuntimeError(f"no round aggregated any update ({len(trained)} rounds): every client failed or was "
-                           "dropped; see the log for each client's reason")
+    if (why := no_progress(recorder.rows)) is not None:
+        raise RuntimeError(why)
     return summary
 
 

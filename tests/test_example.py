@@ -2,13 +2,16 @@
 
 ``examples/pytorch-fedavg`` uses Flower's stock FedAvg and its own train function;
 ``examples/pytorch-fedmoe`` is the same app with the AlignedStrategy and the client helper.
-Both run here in simulation over the in-process grid (each app's own ServerApp and
+Their packages have distinct names (``fedavg_quickstart``, ``fedmoe_quickstart``): a
+SuperLink that stays up between runs keeps a package it imported once. Both run here in simulation over the in-process grid (each app's own ServerApp and
 ClientApp objects, its own pyproject run config).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import importlib
 import sys
 from pathlib import Path
@@ -25,16 +28,18 @@ from fedmoe_flwr.sim import LocalGrid
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STOCK, SWITCHED = EXAMPLES / "pytorch-fedavg", EXAMPLES / "pytorch-fedmoe"
+PACKAGES = {STOCK: "fedavg_quickstart", SWITCHED: "fedmoe_quickstart"}
 NUM_NODES = 6
 
 
 def load_app(app_dir: Path):
-    """Import an example app's modules (both apps name their package ``moe_quickstart``)."""
-    for name in [m for m in sys.modules if m == "moe_quickstart" or m.startswith("moe_quickstart.")]:
-        del sys.modules[name]
+    """Import an example app's modules (its package is named in its pyproject's components)."""
+    package = PACKAGES[app_dir]
+    components = tomli.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": f"{package}.server_app:app", "clientapp": f"{package}.client_app:app"}
     sys.path.insert(0, str(app_dir))
     try:
-        return {m: importlib.import_module(f"moe_quickstart.{m}") for m in ("task", "client_app", "server_app")}
+        return {m: importlib.import_module(f"{package}.{m}") for m in ("task", "client_app", "server_app")}
     finally:
         sys.path.remove(str(app_dir))
 
@@ -71,18 +76,24 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def switched_path(rel: Path) -> Path:
+    return SWITCHED / str(rel).replace(PACKAGES[STOCK], PACKAGES[SWITCHED])
+
+
 def test_the_switch_is_a_small_diff():
+    """The lines a user changes to switch: the package rename of the two examples does not count."""
     added = removed = 0
     for path in sorted(p for p in STOCK.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         rel = path.relative_to(STOCK)
-        other = SWITCHED / rel
+        other = switched_path(rel)
         assert other.exists(), f"{rel} missing from the switched app"
-        for line in difflib.unified_diff(path.read_text().splitlines(), other.read_text().splitlines(), lineterm="", n=0):
+        ours = other.read_text().replace(PACKAGES[SWITCHED], PACKAGES[STOCK])
+        for line in difflib.unified_diff(path.read_text().splitlines(), ours.splitlines(), lineterm="", n=0):
             if line.startswith(("+++", "---")) or not line[1:].strip():
                 continue
             added += line.startswith("+")
             removed += line.startswith("-")
-    extra = {p.relative_to(SWITCHED) for p in SWITCHED.rglob("*.py")} - {p.relative_to(STOCK) for p in STOCK.rglob("*.py")}
+    extra = {p.relative_to(SWITCHED) for p in SWITCHED.rglob("*.py")} - {switched_path(p.relative_to(STOCK)).relative_to(SWITCHED) for p in STOCK.rglob("*.py")}
     assert not extra, f"the switched app adds files: {extra}"
     assert 0 < added < 20 and removed < 20, (added, removed)
 
@@ -118,3 +129,28 @@ def test_stock_and_switched_apps_train_and_the_switched_one_respects_node_budget
     assert per_round_fedmoe < per_round_stock
     queried = {r["client"] for r in fedmoe_log if r["event"] == "reply" and r["type"] == MessageType.QUERY}
     assert len(queried) == NUM_NODES, "every node answered the strategy's QUERY through the helper"
+
+    # the switched app records its run (record_run) in the form `python -m fedmoe_flwr.report` reads
+    rows = [json.loads(line) for line in (tmp_path / "fedmoe" / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    for r in rows[1:]:
+        assert r["num_aggregated"] >= 1, r
+        assert r["personal_failed"] == 0 and 0 < r["personal_accuracy"] <= 1, "evaluate replies succeed"
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0, "the float loss of the user's train()"
+
+
+@pytest.mark.slow
+def test_both_apps_run_back_to_back_on_one_local_superlink(tmp_path):
+    """`flwr run . local` keeps its SuperLink up between runs: the apps' distinct package names
+    keep the second run from finding the first one's modules."""
+    import os
+
+    from fedmoe_flwr.deploy.launcher import LocalSimulation
+
+    root = str(Path(__file__).resolve().parents[1])
+    with LocalSimulation(tmp_path, num_supernodes=NUM_NODES) as sim:
+        sim.env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, sim.env.get("PYTHONPATH")]))  # this checkout
+        results = [sim.run(app, {"num-server-rounds": 2}, timeout=400) for app in (STOCK, SWITCHED)]
+    assert [r.status for r in results] == ["finished:completed"] * 2, [r.output[-2000:] for r in results]
+    rows = [json.loads(line) for line in (tmp_path / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["num_aggregated"] >= 1 for r in rows[1:])

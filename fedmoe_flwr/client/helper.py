@@ -1,21 +1,30 @@
 """Make an existing Flower ClientApp expert-aware in a few lines.
 
-Wrap your own PyTorch training function::
+Wrap your own PyTorch training and evaluation functions and answer the strategy's QUERY::
 
-    from fedmoe_flwr.client import expert_train, node_profile
+    from fedmoe_flwr.client import expert_evaluate, expert_probe, expert_train, node_profile
 
     @app.train()
     def train(msg, context):
+        return expert_train(msg, MyMoEModel(), lambda m: my_train(m, trainloader), stats_inputs=x_sample)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return expert_evaluate(msg, MyMoEModel(), lambda m: my_test(m, valloader))
+
+    @app.query()
+    def query(msg, context):
         model = MyMoEModel()
-        return expert_train(msg, model, lambda m: my_train(m, trainloader),
-                            profile=node_profile(context, model), stats_inputs=x_sample)
+        return expert_probe(msg, model, profile=node_profile(context, model), stats_inputs=x_sample)
 
 :func:`expert_train` loads the shared parameters and the assigned experts into ``model``,
 masks every other expert (their router logits become minus infinity), measures the routing
 histogram on ``stats_inputs`` before training, runs ``train_fn(model)``, counts the tokens
 each expert received through forward hooks, and replies with exactly the tensors it was sent.
-``train_fn`` returns the number of training examples, or a dict with ``num-examples`` and
-optionally ``train-loss`` and ``expert-loss`` (a per-expert-key vector).
+``train_fn`` may return a float loss, a ``(loss, num_examples)`` pair, an int (the number of
+examples) or a dict with ``num-examples``, ``train-loss``, ``expert-loss`` (a per-expert-key
+vector) and your own scalars; without a number of examples, the samples it passed through
+the model count.
 """
 
 from __future__ import annotations
@@ -63,8 +72,12 @@ def load_assigned(msg: Message, model: torch.nn.Module) -> tuple[list[str], int]
     return keys, P.record_nbytes(msg.content[P.ARRAYS])
 
 
-def node_profile(context: Context, model: torch.nn.Module, *, capacity_fn: Callable[[Context], dict] | None = None,
-                 **declared) -> P.NodeProfile:
+CAPACITY_KEYS = ("max-experts", "memory-mb")
+"""``node_config`` keys that declare a node's expert budget (either one)."""
+
+
+def node_profile(context: Context, model: torch.nn.Module, *,
+                 capacity_fn: Callable[[Context], dict | int] | None = None, **declared) -> P.NodeProfile:
     """The node's stable id and declared capacity, from ``context.node_config``.
 
     Keys read (docs/architecture.md#capacity): ``client-id`` (else ``partition-id``, else
@@ -72,11 +85,22 @@ def node_profile(context: Context, model: torch.nn.Module, *, capacity_fn: Calla
     largest experts) or ``memory-mb`` (total MiB for the model; the budget is that minus the
     shared tensors); absent = every expert fits; optional ``samples-per-s``, ``uplink-Bps``,
     ``downlink-Bps``, ``reliability``, ``num-examples``. ``capacity_fn(context)`` returns the
-    same keys for nodes whose ``node_config`` lacks them (in simulation Flower gives only
-    ``partition-id``): ``capacity_fn=lambda ctx: {"max-experts": 1 + ctx.node_config["partition-id"] % 4}``.
-    ``declared`` overrides any field of :class:`~fedmoe_flwr.protocol.NodeProfile` by name.
+    same keys (or an int: a number of experts) for nodes whose ``node_config`` lacks them (in
+    simulation Flower gives only ``partition-id``):
+    ``capacity_fn=lambda ctx: {"max-experts": 1 + ctx.node_config["partition-id"] % 4}``.
+    A node that declares its own budget (either key) keeps it whole: ``capacity_fn``'s
+    budget is ignored there. ``declared`` overrides any field of
+    :class:`~fedmoe_flwr.protocol.NodeProfile` by name.
     """
-    nc = {**(capacity_fn(context) if capacity_fn is not None else {}), **dict(context.node_config)}
+    own = dict(context.node_config)
+    fallback = capacity_fn(context) if capacity_fn is not None else {}
+    if isinstance(fallback, int) and not isinstance(fallback, bool):
+        fallback = {"max-experts": fallback}
+    if not isinstance(fallback, dict):
+        raise TypeError(f"capacity_fn returned a {type(fallback).__name__}; expected a dict of node_config keys or an int")
+    if any(k in own for k in CAPACITY_KEYS):  # the node's own declaration wins as a whole
+        fallback = {k: v for k, v in fallback.items() if k not in CAPACITY_KEYS}
+    nc = {**fallback, **own}
     layout = param_layout(model)
     cid = nc.get("client-id", nc.get("partition-id", context.node_id))
     largest = max((layout.expert_nbytes(k) for k in layout.expert_keys), default=0)
@@ -104,9 +128,9 @@ def _train_result(out, counted: int) -> dict:
     """
     if isinstance(out, bool) or out is None:
         raise TypeError(f"train_fn returned {out!r}; expected a float loss, a dict, a (loss, n) pair or an int")
-    if isinstance(out, int):
-        return {P.NUM_EXAMPLES: out, P.TRAIN_LOSS: math.nan, "metrics": {}}
-    if isinstance(out, float) or (isinstance(out, torch.Tensor) and out.numel() == 1):
+    if _is_int(out):
+        return {P.NUM_EXAMPLES: int(out), P.TRAIN_LOSS: math.nan, "metrics": {}}
+    if _is_scalar(out) or (isinstance(out, torch.Tensor) and out.numel() == 1):
         return {P.NUM_EXAMPLES: counted, P.TRAIN_LOSS: float(out), "metrics": {}}
     if isinstance(out, tuple) and len(out) == 2:
         return {P.NUM_EXAMPLES: int(out[1]), P.TRAIN_LOSS: float(out[0]), "metrics": {}}
@@ -119,12 +143,15 @@ def _train_result(out, counted: int) -> dict:
 
 
 @contextmanager
-def count_samples(model: torch.nn.Module):
-    """Count the samples (first dimension of the first input) of training-mode forwards."""
+def count_samples(model: torch.nn.Module, *, training: bool | None = True):
+    """Count the samples (first dimension of the first input) of the model's forwards:
+    training-mode ones (``training=True``), eval-mode ones (False) or all (None)."""
     seen = [0]
 
     def hook(module, args, _out):
-        if module.training and args and hasattr(args[0], "shape") and len(args[0].shape):
+        if training is not None and module.training != training:
+            return
+        if args and hasattr(args[0], "shape") and len(args[0].shape):
             seen[0] += int(args[0].shape[0])
 
     handle = model.register_forward_hook(hook)
@@ -184,19 +211,42 @@ def expert_train(
     return Message(content, reply_to=msg)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def _eval_result(out) -> tuple[int | None, dict]:
-    """An evaluate function's return as ``(num_examples, scalars)``: a float loss, a
-    ``(loss, n)`` or ``(loss, n, metrics)`` tuple, or a dict with ``num-examples``."""
-    if isinstance(out, (float, int)) and not isinstance(out, bool):
+    """An evaluate function's return as ``(num_examples or None, scalars)``.
+
+    Accepted: a float loss; ``(loss, accuracy)`` with a float accuracy (what Flower's
+    PyTorch template's ``test`` returns); ``(loss, n)`` with an int ``n``; ``(loss, n,
+    metrics)``; a dict of scalars with optional ``num-examples``. Anything else raises
+    TypeError: a wrong guess would weight or label the metrics wrongly without a sound.
+    """
+    if isinstance(out, torch.Tensor) and out.numel() == 1:
+        out = float(out)
+    if _is_scalar(out):
         return None, {"loss": float(out)}
-    if isinstance(out, tuple) and len(out) in (2, 3):
-        extra = dict(out[2]) if len(out) == 3 else {}
-        return int(out[1]), {"loss": float(out[0]), **{k: float(v) for k, v in extra.items()}}
+    if isinstance(out, tuple) and len(out) in (2, 3) and all(_is_scalar(v) for v in out[:2]):
+        loss, second = out[0], out[1]
+        extra = out[2] if len(out) == 3 else {}
+        if not isinstance(extra, dict):
+            raise TypeError(f"eval_fn returned (loss, n, {type(extra).__name__}); the third item must be a dict of metrics")
+        extra = {k: float(v) for k, v in extra.items() if _is_scalar(v)}
+        if _is_int(second):
+            return int(second), {"loss": float(loss), **extra}
+        if len(out) == 2:
+            return None, {"loss": float(loss), "accuracy": float(second)}
     if isinstance(out, dict):
-        scalars = {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {k: float(v) for k, v in out.items() if _is_scalar(v)}
         n = scalars.pop(P.NUM_EXAMPLES, None)
         return (None if n is None else int(n)), scalars
-    raise TypeError(f"eval_fn returned a {type(out).__name__}; expected a float loss, a (loss, n[, metrics]) tuple or a dict")
+    raise TypeError(f"eval_fn returned {out!r:.80}; expected a float loss, (loss, accuracy), (loss, n[, metrics]) "
+                    "with an int n, or a dict of scalars")
 
 
 @torch.no_grad()
@@ -205,13 +255,18 @@ def expert_evaluate(msg: Message, model: torch.nn.Module, eval_fn: Callable[[tor
     """Evaluate the sub-model an EVALUATE message assigns (absent experts masked) with your
     own ``eval_fn(model)`` and build the reply (``metrics``: ``num-examples`` and the scalars).
 
-    ``num_examples`` stands in when ``eval_fn`` does not return one.
+    ``eval_fn`` may return what :func:`_eval_result` accepts (a stock ``test`` returning
+    ``(loss, accuracy)`` works unchanged). The number of examples is the one returned, else
+    ``num_examples``, else the samples ``eval_fn`` passed through the model.
     """
     load_assigned(msg, model)
-    n, scalars = _eval_result(eval_fn(model))
-    n = n if n is not None else num_examples
+    with count_samples(model, training=None) as samples:
+        raw = eval_fn(model)
+        counted = samples()
+    n, scalars = _eval_result(raw)
+    n = n if n is not None else (num_examples if num_examples is not None else counted)
     if n is None or n <= 0:
-        raise ValueError("expert_evaluate needs the number of examples: return (loss, n) or pass num_examples=")
+        raise ValueError("expert_evaluate: eval_fn ran no samples through the model; return (loss, n) or pass num_examples=")
     return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: int(n), **scalars})}), reply_to=msg)
 
 

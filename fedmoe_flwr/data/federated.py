@@ -25,7 +25,7 @@ from fedmoe_flwr.data.partition import (
 PARTITIONERS = ("iid", "dirichlet", "shards", "domain", "natural")
 TASKS = ("classification", "next_char", "text_classification")
 __all__ = ["DATASETS", "PARTITIONERS", "TASKS", "ArrayPool", "FederatedData", "WindowPool",
-           "load_federated", "split_holdout"]
+           "federate", "load_federated", "split_holdout"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,6 +283,16 @@ def _load_cached(
     kw = dict(kw_items)
     src_kw = {k: v for k, v in kw.items() if k in SOURCE_KW[name]}
     src = BUILDERS[name](seed, num_clients, partitioner, **src_kw)
+    return federate(name, src, num_clients, partitioner, alpha, seed, holdout_fraction, max_train_samples, kw_items)
+
+
+def federate(
+    name: str, src: Source, num_clients: int | None, partitioner: str, alpha: float, seed: int,
+    holdout_fraction: float, max_train_samples: int | None, kw_items: tuple = (),
+) -> FederatedData:
+    """Split a :class:`~fedmoe_flwr.data.catalog.Source` among clients (the generic step of
+    :func:`load_federated`; also used for a user's own data, :mod:`fedmoe_flwr.data.custom`)."""
+    kw = dict(kw_items)
     cand, nat = _subsample(src, partitioner, max_train_samples, seed)
     labels = src.pool.labels[cand]
     names = client_domains = test_domains = transform = None

@@ -1,11 +1,9 @@
-"""moe-quickstart: the ClientApp."""
+"""fedavg_quickstart: the ClientApp."""
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from moe_quickstart.task import Net, load_data
-from moe_quickstart.task import test as test_fn
-from moe_quickstart.task import train as train_fn
+from fedavg_quickstart.task import Net, load_data, test as test_fn, train as train_fn
 
 app = ClientApp()
 

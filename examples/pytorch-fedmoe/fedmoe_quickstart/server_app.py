@@ -1,12 +1,13 @@
-"""moe-quickstart: the ServerApp."""
+"""fedmoe_quickstart: the ServerApp."""
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe_flwr.models import param_layout
-from moe_quickstart.task import Net, load_test_data, test
-from strategies import AlignedStrategy
+from fedmoe_flwr.recording import record_run
+from fedmoe_flwr.strategies import AlignedStrategy
+from fedmoe_quickstart.task import Net, load_test_data, test
 
 app = ServerApp()
 
@@ -24,7 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run federated training with the strategy below."""
     num_rounds = context.run_config["num-server-rounds"]
     model = Net()
-    strategy = AlignedStrategy(param_layout(model), fraction_train=context.run_config["fraction-train"])
+    strategy = record_run(AlignedStrategy(param_layout(model), fraction_train=context.run_config["fraction-train"]), "outputs")
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),

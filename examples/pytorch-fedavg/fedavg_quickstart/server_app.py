@@ -1,11 +1,11 @@
-"""moe-quickstart: the ServerApp."""
+"""fedavg_quickstart: the ServerApp."""
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from moe_quickstart.task import Net, load_test_data, test
+from fedavg_quickstart.task import Net, load_test_data, test
 
 app = ServerApp()
 

@@ -1,1 +1,0 @@
-"""moe-quickstart: a Flower PyTorch app training a small Mixture-of-Experts on digits."""

@@ -1,0 +1,1 @@
+"""fedmoe_quickstart: a Flower PyTorch app training a small Mixture-of-Experts on digits."""
