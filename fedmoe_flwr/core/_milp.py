@@ -13,6 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from ._flow import flow_available, solve_count_flow
+
 
 def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """Per row, the most eligible items whose costs fit ``budget`` (cheapest first)."""
@@ -63,11 +65,14 @@ def _budget_rows(E, nbytes, memory, tpe, slack):
     return rows
 
 
-def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_milp, time_limit, gap):
-    """One solve of the (possibly relaxed) problem. Returns (x, state, gap, method).
+def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_milp, time_limit, gap,
+                use_flow=True):
+    """One solve of the (possibly relaxed) problem. Returns (x, state, gap, method, engine).
 
     ``state`` is "optimal", "time_limit", "infeasible" or "error"; ``x`` is None unless a
-    solution was found.
+    solution was found. When every client reduces to a count cap (no knapsack row) and
+    ``use_flow``, the problem is a b-matching solved exactly by min-cost flow (method
+    "lp": its LP relaxation is integral; engine "flow"); otherwise HiGHS.
     """
     C, K = s.shape
     cnt_hi = np.minimum(k_hi, E.sum(axis=1))
@@ -80,11 +85,15 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
         if (binding & ~uniform).any():
             knap.append((binding & ~uniform, costs, budget))
     if (k_lo > cnt_hi).any():
-        return None, "infeasible", None, "lp"
+        return None, "infeasible", None, "lp", "none"
+    if not E.any():
+        return np.zeros((C, K), bool), "optimal", 0.0, "lp", "none"
+    if not knap and not force_milp and use_flow and flow_available():
+        x, state = solve_count_flow(s, E, lo, hi, k_lo, cnt_hi)
+        if state != "error":
+            return x, state, (0.0 if x is not None else None), "lp", "flow"
     ci, ki = np.nonzero(E)
     n = ci.size
-    if n == 0:
-        return np.zeros((C, K), bool), "optimal", 0.0, "lp"
     j = np.arange(n)
     rows = []
     need = (k_lo > 0) | (cnt_hi < E.sum(axis=1))
@@ -111,11 +120,12 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
     top = float(np.abs(obj).max())
     obj = obj / top if top > 0 else obj  # HiGHS minimises; costs scaled to max |c| = 1
     xv, state, mgap, method = _solve_program(obj, rows, force_milp, time_limit, gap)
+    engine = "highs_lp" if method == "lp" else "highs_milp"
     if xv is None:
-        return None, state, None, method
+        return None, state, None, method, engine
     x = np.zeros((C, K), bool)
     x[ci, ki] = xv > 0.5
-    return x, state, mgap, method
+    return x, state, mgap, method, engine
 
 
 def _solve_program(obj, rows, force_milp, time_limit, gap):

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 _INF_SCORE = 1.0e6  # stands for +-inf scores
+_METHODS = ("auto", "highs", "milp", "greedy")
 
 
 @dataclass
@@ -74,8 +75,11 @@ class AssignmentResult:
         mip_gap: relative MILP gap reported by HiGHS; 0.0 for the LP path; ``None`` for
             greedy.
         relaxed: what was relaxed, in order, e.g. ``["balance_lo_clipped", "balance_lo"]``.
-        method: ``"lp"``, ``"milp"`` or ``"greedy"`` (``"none"`` when built by a caller,
-            e.g. the random/full baselines).
+        method: ``"lp"`` (the LP relaxation is integral: exact without branching),
+            ``"milp"`` or ``"greedy"`` (``"none"`` when built by a caller, e.g. the
+            random/full baselines).
+        engine: the code that found ``x``: ``"flow"`` (min-cost flow), ``"highs_lp"``,
+            ``"highs_milp"``, ``"greedy"``, or ``"none"`` (nothing to solve).
     """
 
     x: np.ndarray
@@ -85,6 +89,7 @@ class AssignmentResult:
     mip_gap: float | None
     relaxed: list[str] = field(default_factory=list)
     method: str = "none"
+    engine: str = "none"
 
 
 def _clean_score(score: np.ndarray) -> np.ndarray:
@@ -154,13 +159,16 @@ def assign_experts(
         k_fixed: ``[C]`` exact experts per client (flex baseline); capped at what fits the
             client's memory (noted as ``"k_fixed_capped"``); it overrides ``min_one``.
         min_one: each client that can hold an expert gets at least one.
-        method: ``"auto"`` (LP relaxation first, MILP only if its optimum is
-            fractional), ``"milp"`` (straight to the MILP) or ``"greedy"`` (no solver;
-            balance ignored).
+        method: ``"auto"`` (min-cost flow when every client reduces to a count cap,
+            else the LP relaxation first and the MILP only if its optimum is fractional),
+            ``"highs"`` (as ``"auto"`` but HiGHS only, no flow), ``"milp"`` (straight to
+            the MILP) or ``"greedy"`` (no solver; balance ignored).
         time_limit_s: HiGHS time limit for the whole call.
         mip_rel_gap: relative MILP gap at which HiGHS stops.
     """
     t0 = time.perf_counter()
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     s = _clean_score(score)
     if s.ndim != 2:
         raise ValueError(f"score must be [C, K], got shape {s.shape}")
@@ -211,7 +219,7 @@ def assign_experts(
     if deadline is not None:
         stages.append(("deadline", None, None, False))
 
-    x, state, gap, used = None, "error", None, "greedy"
+    x, state, gap, used, engine = None, "error", None, "greedy", "greedy"
     if method != "greedy":
         for name, lo_s, hi_s, dl in stages:
             if name is not None:
@@ -219,10 +227,11 @@ def assign_experts(
             Ecur = E if dl else E_mem
             k_lo, k_hi = counts(Ecur)
             remaining = time_limit_s - (time.perf_counter() - t0)
-            x, state, gap, used = solve_stage(
+            x, state, gap, used, engine = solve_stage(
                 s, Ecur, nbytes, mem, tpe if dl else None, slack if dl else None,
                 lo_s, hi_s, k_lo, k_hi,
                 force_milp=(method == "milp"), time_limit=remaining, gap=mip_rel_gap,
+                use_flow=(method == "auto"),
             )
             if x is not None or state == "error" or remaining <= 0:
                 break
@@ -231,7 +240,7 @@ def assign_experts(
         Ecur = E if deadline is not None else E_mem
         k_lo, k_hi = counts(Ecur)
         x = _greedy(s, Ecur, nbytes, mem, tpe, slack, k_lo, k_hi)
-        state, gap, used = "fallback", None, "greedy"
+        state, gap, used, engine = "fallback", None, "greedy", "greedy"
         dl_final = deadline is not None
     x = _repair(x, s, np.broadcast_to(nbytes, (C, K)), mem)
     if dl_final:
@@ -246,7 +255,7 @@ def assign_experts(
         status = state
     return AssignmentResult(
         x=x, status=status, solve_time_s=time.perf_counter() - t0,
-        objective=float((s * x).sum()), mip_gap=gap, relaxed=relaxed, method=used,
+        objective=float((s * x).sum()), mip_gap=gap, relaxed=relaxed, method=used, engine=engine,
     )
 
 
