@@ -26,6 +26,10 @@ except ImportError:  # pragma: no cover - exercised only where ortools is missin
     _mcf = None
 
 _MAX_COST = 2**40  # cost resolution; OR-Tools also needs max|cost| * (nodes + 1) < 2**63
+_PRUNE_MIN_ARCS = 200_000  # below this the full problem solves in tens of ms: no pruning
+_PRUNE_MARGIN = 8  # experts kept per client beyond what it can hold
+_PRUNE_ROUNDS = 3
+_PRUNE_MAX_SHARE = 0.4  # a pruned problem with more of the arcs than this is no faster
 
 
 def flow_available() -> bool:
@@ -43,38 +47,152 @@ def integer_costs(s: np.ndarray, nodes: int) -> tuple[np.ndarray, float]:
 def solve_count_flow(s, E, lo, hi, k_lo, k_hi):
     """The optimal b-matching, or None if the bounds cannot all hold.
 
+    Large instances are first solved on a pruned arc set (each client's best-scoring
+    experts, a few more than it can hold); the result is certified optimal for the full
+    arc set by node potentials (:func:`_potentials`) under which no left-out arc has a
+    negative reduced cost. Left-out arcs that violate it are added and the pruned problem
+    solved again; after ``_PRUNE_ROUNDS`` (or if the pruned problem is infeasible) the
+    full problem is solved. Either way the answer is the full problem's optimum.
+
     Args:
         s: ``[C, K]`` scores; E: ``[C, K]`` eligible pairs; lo, hi: ``[K]`` int bounds or
         None; k_lo, k_hi: ``[C]`` int count bounds (``k_hi`` at most the eligible count).
     Returns:
-        ``(x, state)``: ``x`` the ``[C, K]`` bool optimum or None; ``state`` "optimal" or
-        "infeasible".
+        ``(x, state)``: ``x`` the ``[C, K]`` bool optimum or None; ``state`` "optimal",
+        "infeasible" or "error" (OR-Tools refused the ranges: the caller uses HiGHS).
     """
     C, K = s.shape
-    ci, ki = np.nonzero(E)
-    col_cnt = np.bincount(ki, minlength=K)
+    col_cnt = E.sum(axis=0)
     lo_k = np.zeros(K, np.int64) if lo is None else np.maximum(np.asarray(lo, np.int64), 0)
     hi_k = col_cnt if hi is None else np.minimum(np.asarray(hi, np.int64), col_cnt)
-    if (lo_k > hi_k).any() or (k_lo > k_hi).any():
-        return None, "infeasible"  # e.g. an expert needs more holders than can hold it
     k_lo = np.asarray(k_lo, np.int64)
     k_hi = np.asarray(k_hi, np.int64)
-    sink = C + K
-    cost_ck, _ = integer_costs(s[ci, ki], C + K + 1)
-    f = _mcf.SimpleMinCostFlow()
-    f.add_arcs_with_capacity_and_unit_cost(
-        np.concatenate([ci, np.arange(C), C + np.arange(K)]),
-        np.concatenate([C + ki, np.full(C, sink), np.full(K, sink)]),
-        np.concatenate([np.ones(ci.size, np.int64), k_hi - k_lo, hi_k - lo_k]),
-        np.concatenate([-cost_ck, np.zeros(C + K, np.int64)]),
-    )
-    supply = np.concatenate([k_hi, -lo_k, [int(lo_k.sum() - k_hi.sum())]])
-    f.set_nodes_supplies(np.arange(C + K + 1), supply)
-    status = f.solve()
-    if status == _mcf.SimpleMinCostFlow.INFEASIBLE:
-        return None, "infeasible"
-    if status != _mcf.SimpleMinCostFlow.OPTIMAL:  # cost/capacity range: let HiGHS try
-        return None, "error"
-    x = np.zeros((C, K), bool)
-    x[ci, ki] = f.flows(np.arange(ci.size)) > 0
-    return x, "optimal"
+    if (lo_k > hi_k).any() or (k_lo > k_hi).any():
+        return None, "infeasible"  # e.g. an expert needs more holders than can hold it
+    cost, _ = integer_costs(np.where(E, s, 0.0), C + K + 1)
+    net = _Network(C, K, lo_k, hi_k, k_lo, k_hi)
+    n_arcs = int(np.count_nonzero(E))
+    if n_arcs > _PRUNE_MIN_ARCS:
+        A = _pruned_arcs(cost, E, net, _price_estimate(cost, E, net))
+        for _ in range(_PRUNE_ROUNDS):
+            if A.sum() >= _PRUNE_MAX_SHARE * n_arcs:
+                break
+            x, state = net.solve(A, cost)
+            if x is None:
+                break  # infeasible on the pruned arcs says nothing: solve in full
+            d = _potentials(net, x, A, cost)
+            if d is None:
+                break
+            d_c, d_k = d
+            violated = E & ~A & (d_c[:, None] - d_k[None, :] - cost < 0)
+            if not violated.any():
+                return x, "optimal"
+            A |= violated
+    return net.solve(E, cost)
+
+
+def _price_estimate(cost, E, net):
+    """Expert potentials of the problem on an evenly spaced sample of clients (bounds
+    scaled to the sample), or zeros: they rank each client's experts for pruning."""
+    C, K = E.shape
+    step = max(1, int(np.ceil(C * K / (_PRUNE_MIN_ARCS // 2))))
+    rows = np.arange(0, C, step)
+    f = rows.size / C
+    E_s = E[rows]
+    col = E_s.sum(axis=0)
+    lo_s = np.minimum(np.floor(net.lo_k * f).astype(np.int64), col)
+    hi_s = np.minimum(np.ceil(net.hi_k * f).astype(np.int64), col)
+    sub = _Network(rows.size, K, lo_s, np.maximum(hi_s, lo_s), net.k_lo[rows], net.k_hi[rows])
+    x, _ = sub.solve(E_s, cost[rows])
+    d = None if x is None else _potentials(sub, x, E_s, cost[rows])
+    return np.zeros(K, np.int64) if d is None else d[1]
+
+
+def _pruned_arcs(cost, E, net, d_k):
+    """Arcs likely in the optimum, by reduced score ``cost + d_k``: each client's
+    ``k_hi + margin`` best, and each expert's ``max(hi) + margin`` best clients relative to
+    what the client's last slot is worth (so every expert keeps enough candidates)."""
+    C, K = E.shape
+    key = np.where(E, (cost + d_k[None, :]).astype(np.float64), -np.inf)
+    srt = -np.sort(-key, axis=1)
+    rows = np.arange(C)
+    A = key >= srt[rows, np.clip(net.k_hi + _PRUNE_MARGIN, 1, K) - 1][:, None]
+    last = srt[rows, np.clip(net.k_hi, 1, K) - 1]  # the client's marginal slot
+    rel = key - np.where(np.isfinite(last), last, 0.0)[:, None]
+    m = min(C, int(net.hi_k.max(initial=0)) + _PRUNE_MARGIN)
+    thr = np.partition(rel, C - m, axis=0)[C - m]
+    return E & (A | (rel >= thr[None, :]))
+
+
+class _Network:
+    """The flow network of one b-matching; solves it on any eligible arc subset."""
+
+    def __init__(self, C, K, lo_k, hi_k, k_lo, k_hi):
+        self.C, self.K = C, K
+        self.lo_k, self.hi_k, self.k_lo, self.k_hi = lo_k, hi_k, k_lo, k_hi
+
+    def solve(self, A, cost):
+        """Optimal ``x`` using only arcs in ``A``: (x, state)."""
+        C, K = self.C, self.K
+        ci, ki = np.nonzero(A)
+        sink = C + K
+        f = _mcf.SimpleMinCostFlow()
+        f.add_arcs_with_capacity_and_unit_cost(
+            np.concatenate([ci, np.arange(C), C + np.arange(K)]),
+            np.concatenate([C + ki, np.full(C, sink), np.full(K, sink)]),
+            np.concatenate([np.ones(ci.size, np.int64), self.k_hi - self.k_lo, self.hi_k - self.lo_k]),
+            np.concatenate([-cost[ci, ki], np.zeros(C + K, np.int64)]),
+        )
+        supply = np.concatenate([self.k_hi, -self.lo_k, [int(self.lo_k.sum() - self.k_hi.sum())]])
+        f.set_nodes_supplies(np.arange(C + K + 1), supply)
+        status = f.solve()
+        if status == _mcf.SimpleMinCostFlow.INFEASIBLE:
+            return None, "infeasible"
+        if status != _mcf.SimpleMinCostFlow.OPTIMAL:
+            return None, "error"
+        x = np.zeros((C, K), bool)
+        x[ci, ki] = f.flows(np.arange(ci.size)) > 0
+        return x, "optimal"
+
+
+def _potentials(net, x, A, cost):
+    """Node potentials ``(d_c, d_k)`` of the residual network of an optimal ``x`` on ``A``.
+
+    Bellman-Ford from a virtual root (all distances start at 0), vectorised over the
+    bipartite structure: clients, experts and the sink. Reduced costs
+    ``cost(u, v) + d[u] - d[v]`` are then >= 0 on every residual arc; a left-out arc
+    ``(c, k)`` keeps ``x`` optimal iff ``-cost[c, k] + d_c[c] - d_k[k] >= 0``. Integer
+    costs make this exact. None if it has not converged within the bound (it always
+    converges for an optimal ``x``; the bound only guards the run time).
+    """
+    C, K = x.shape
+    count, col = x.sum(axis=1), x.sum(axis=0)
+    # residual arcs: held (c, k): k -> c with +cost; unheld (c, k) in A: c -> k with -cost
+    hc, hk = np.nonzero(x)
+    uc, uk = np.nonzero(A & ~x)
+    w_h, w_u = cost[hc, hk], -cost[uc, uk]
+    h_start = np.flatnonzero(np.r_[True, hc[1:] != hc[:-1]]) if hc.size else np.zeros(0, int)
+    h_rows = hc[h_start]
+    order = np.argsort(uk, kind="stable")
+    uc, uk, w_u = uc[order], uk[order], w_u[order]
+    u_start = np.flatnonzero(np.r_[True, uk[1:] != uk[:-1]]) if uk.size else np.zeros(0, int)
+    u_cols = uk[u_start]
+    from_sink_c = count < net.k_hi  # the unused-slot arc c -> sink carries flow
+    to_sink_c = count > net.k_lo
+    from_sink_k = col > net.lo_k  # the expert's k -> sink arc carries flow
+    to_sink_k = col < net.hi_k
+    d_c, d_k, d_t = np.zeros(C, np.int64), np.zeros(K, np.int64), 0
+    for _ in range(2 * K + 8):
+        new_c = d_c.copy()
+        if hc.size:
+            np.minimum.at(new_c, h_rows, np.minimum.reduceat(d_k[hk] + w_h, h_start))
+        new_c[from_sink_c] = np.minimum(new_c[from_sink_c], d_t)
+        new_k = d_k.copy()
+        if uc.size:
+            np.minimum.at(new_k, u_cols, np.minimum.reduceat(new_c[uc] + w_u, u_start))
+        new_k[from_sink_k] = np.minimum(new_k[from_sink_k], d_t)
+        new_t = min(d_t, int(new_c[to_sink_c].min(initial=d_t)), int(new_k[to_sink_k].min(initial=d_t)))
+        if new_t == d_t and np.array_equal(new_c, d_c) and np.array_equal(new_k, d_k):
+            return d_c, d_k
+        d_c, d_k, d_t = new_c, new_k, new_t
+    return None

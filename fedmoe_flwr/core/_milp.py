@@ -23,11 +23,19 @@ def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarra
 
 
 def _uniform_cap(costs: np.ndarray, E: np.ndarray, budget: np.ndarray):
-    """Rows whose eligible costs are all equal, and how many such items fit the budget."""
+    """Rows whose eligible costs are all equal, and how many such items fit the budget
+    (the eligible count for other rows). Division, not a sort: O(C K)."""
     lo_c = np.where(E, costs, np.inf).min(axis=1)
     hi_c = np.where(E, costs, -np.inf).max(axis=1)
-    uniform = (lo_c == hi_c) | ~E.any(axis=1)
-    cap = max_count_fitting(costs, E, budget)
+    n_elig = E.sum(axis=1)
+    uniform = (lo_c == hi_c) | (n_elig == 0)
+    unit = np.where(uniform & (n_elig > 0), lo_c, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = np.floor(np.where(unit > 0, budget / np.where(unit > 0, unit, 1.0), np.inf))
+        n = np.where(np.isnan(n), 0.0, n)
+        n = np.where(np.isfinite(n) & (n * unit > budget), n - 1, n)  # guard the division's rounding
+    n = np.where(budget < 0, -1.0, n)  # nothing fits, not even a free item
+    cap = np.where(uniform, np.clip(n, 0, n_elig), n_elig).astype(np.int64)
     return uniform, cap
 
 
