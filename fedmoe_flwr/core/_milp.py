@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ._flow import flow_available, solve_count_flow
+from ._mixed_flow import class_incumbent
 
 
 def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:
@@ -84,8 +85,10 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
     """
     C, K = s.shape
     cnt_hi = np.minimum(k_hi, E.sum(axis=1))
+    t0 = time.perf_counter()
     knap = []  # (row mask, costs [C, K], budget [C]) kept as knapsack rows
-    for costs, budget in _budget_rows(E, nbytes, memory, tpe, slack):
+    budget_rows = _budget_rows(E, nbytes, memory, tpe, slack)
+    for costs, budget in budget_rows:
         binding = (np.where(E, costs, 0.0)).sum(axis=1) > budget
         uniform, cap = _uniform_cap(costs, E, budget)
         red = binding & uniform
@@ -100,6 +103,13 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
         x, state = solve_count_flow(s, E, lo, hi, k_lo, cnt_hi)
         if state != "error":
             return x, state, (0.0 if x is not None else None), "lp", "flow"
+    inc = None  # (x, value, upper bound) of the mixed-size primal-dual loop
+    if knap and not force_milp and use_flow:
+        inc = class_incumbent(s, E, nbytes, budget_rows, lo, hi, k_lo, cnt_hi,
+                              time_limit=time_limit / 4, target_gap=gap)
+        if inc is not None and _rel_gap(-inc[2], -inc[1]) <= gap:
+            return inc[0], "optimal", _rel_gap(-inc[2], -inc[1]), "milp", "flow_lagrange"
+    time_limit -= time.perf_counter() - t0
     ci, ki = np.nonzero(E)
     n = ci.size
     j = np.arange(n)
@@ -129,11 +139,30 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
     obj = obj / top if top > 0 else obj  # HiGHS minimises; costs scaled to max |c| = 1
     xv, state, mgap, method = _solve_program(obj, rows, force_milp, time_limit, gap)
     engine = "highs_lp" if method == "lp" else "highs_milp"
-    if xv is None:
-        return None, state, None, method, engine
-    x = np.zeros((C, K), bool)
-    x[ci, ki] = xv > 0.5
-    return x, state, mgap, method, engine
+    x = None
+    if xv is not None:
+        x = np.zeros((C, K), bool)
+        x[ci, ki] = xv > 0.5
+    if inc is None:
+        return x, state, mgap, method, engine
+    return _better_of(s, x, state, mgap, inc, gap)
+
+
+def _better_of(s, x, state, mgap, inc, gap):
+    """The better of HiGHS's answer and the primal-dual incumbent, with the gap between
+    it and the tighter of their upper bounds (scores are maximised)."""
+    x_inc, v_inc, bound = inc
+    if x is not None and mgap is not None:
+        v = float((s * x).sum())
+        bound = min(bound, v + mgap * abs(v))  # HiGHS's bound, in score units
+    if x is not None and float((s * x).sum()) >= v_inc:
+        best, engine = x, "highs_milp"
+    else:
+        best, engine = x_inc, "flow_lagrange"
+    if x is not None and state == "optimal" and mgap is not None and mgap <= gap and engine == "highs_milp":
+        return best, "optimal", mgap, "milp", engine
+    g = _rel_gap(-bound, -float((s * best).sum()))
+    return best, ("optimal" if g <= gap else "time_limit"), g, "milp", engine
 
 
 def _solve_program(obj, rows, force_milp, time_limit, gap):
