@@ -12,9 +12,9 @@ from .assign import (
     assign_full,
     assign_random,
     assign_topk,
-    bench_solver,
     capacity_in_experts,
 )
+from .assign_bench import bench_solver
 from .fitness import (
     FitnessState,
     exploration_bonus,

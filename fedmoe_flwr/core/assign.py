@@ -38,14 +38,12 @@ ignored) is returned with status ``"fallback"``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._milp import max_count_fitting, solve_stage
-from .load import coverage_bounds
 
 __all__ = [
     "AssignmentResult",
@@ -302,55 +300,16 @@ def assign_full(num_clients: int, num_experts: int) -> np.ndarray:
     return np.ones((num_clients, num_experts), dtype=bool)
 
 
-def bench_solver(C: int = 1000, K: int = 64, seed: int = 0, *, uniform_bytes: bool = True,
-                 band: float = 0.0, method: str = "auto", time_limit_s: float = 10.0) -> AssignmentResult:
-    """Solve one synthetic cohort with memory, deadline and balance; returns the result.
+def __getattr__(name: str):
+    """``bench_solver`` lives in :mod:`.assign_bench` (off the solver's import path)."""
+    if name == "bench_solver":
+        from .assign_bench import bench_solver
 
-    Memory tiers hold 2/4/8/16/all experts; bandwidths are log-uniform 0.2-20 MB/s and the
-    per-expert time is its transfer (so the 120 s deadline caps slow clients at a few
-    experts); balance is ``coverage_bounds`` with ``band`` around the mean of the
-    per-client count caps; scores are Dirichlet(0.3) routing-like shares.
-    ``uniform_bytes=False`` makes half the experts half as large: memory and deadline
-    become knapsack rows and the problem a MILP.
-    """
-    rng = np.random.default_rng(seed)
-    nbytes = np.full(K, 4.0e6)
-    if not uniform_bytes:
-        nbytes[K // 2:] = 2.0e6
-    tiers = np.array([2, 4, 8, 16, K])
-    memory = rng.choice(tiers, size=C) * nbytes.max()
-    bw = np.exp(rng.uniform(np.log(2e5), np.log(2e7), size=C))
-    tpe = 2.0 * nbytes[None, :] / bw[:, None]
-    time_fixed = rng.uniform(5.0, 30.0, size=C)
-    deadline = 120.0
-    cap_mem = capacity_in_experts(memory, nbytes)
-    cap_dl = np.floor(np.maximum(deadline - time_fixed, 0) / tpe.max(axis=1))
-    slots = int(np.minimum(cap_mem, cap_dl).sum())
-    lo, hi = coverage_bounds(slots, K, band)
-    score = rng.dirichlet(np.full(K, 0.3), size=C)
-    return assign_experts(score, nbytes, memory, time_fixed=time_fixed, time_per_expert=tpe,
-                          deadline=deadline, lo=lo, hi=hi, method=method, time_limit_s=time_limit_s)
+        return bench_solver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Benchmark the expert-assignment solver.")
-    p.add_argument("--bench", action="store_true", help="run the benchmark (the default action)")
-    p.add_argument("--C", type=int, default=1000)
-    p.add_argument("--K", type=int, default=64)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--nonuniform", action="store_true",
-                   help="also bench experts of two sizes (MILP path; seconds at C=1000)")
-    p.add_argument("--time-limit", type=float, default=10.0)
-    a = p.parse_args(argv)
-    for uniform in (True, False) if a.nonuniform else (True,):
-        for band in (0.0, 0.5):
-            for seed in range(a.seeds):
-                r = bench_solver(a.C, a.K, seed, uniform_bytes=uniform, band=band,
-                                 time_limit_s=a.time_limit)
-                print(f"C={a.C} K={a.K} uniform_bytes={uniform} band={band} seed={seed}: "
-                      f"{r.solve_time_s * 1e3:.0f} ms method={r.method} status={r.status} "
-                      f"gap={r.mip_gap} assigned={int(r.x.sum())} relaxed={r.relaxed}")
+if __name__ == "__main__":  # python -m fedmoe_flwr.core.assign --bench [--grid]
+    from .assign_bench import main
 
-
-if __name__ == "__main__":
-    _main()
+    main()
