@@ -119,7 +119,7 @@ def _pruned_arcs(cost, E, net, d_k):
     A = key >= srt[rows, np.clip(net.k_hi + _PRUNE_MARGIN, 1, K) - 1][:, None]
     last = srt[rows, np.clip(net.k_hi, 1, K) - 1]  # the client's marginal slot
     rel = key - np.where(np.isfinite(last), last, 0.0)[:, None]
-    m = min(C, int(net.hi_k.max(initial=0)) + _PRUNE_MARGIN)
+    m = min(C, max(1, int(net.hi_k.max(initial=0)) + _PRUNE_MARGIN))
     thr = np.partition(rel, C - m, axis=0)[C - m]
     return E & (A | (rel >= thr[None, :]))
 
