@@ -351,17 +351,26 @@ def count_capped(draw, sizes=(1,)):
                 kf=rng.integers(0, K + 1, C) if draw(st.integers(0, 4)) == 0 else None)
 
 
-@pytest.mark.parametrize("prune", [False, True])
+def _top1_arcs(cost, E, net, d_k):
+    """Each client's single best arc: a pruned set the certificate must keep extending."""
+    key = np.where(E, cost, np.iinfo(np.int64).min)
+    return E & (key == key.max(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("prune", ["none", "estimated", "top1"])
 @settings(max_examples=60, deadline=None)
 @given(count_capped())
 def test_min_cost_flow_equals_highs_and_respects_every_constraint(prune, inst):
     from fedmoe_flwr.core import _flow
 
     with pytest.MonkeyPatch.context() as mp:
-        if prune:  # prune every instance to a client's best expert, so the certificate must add arcs
+        if prune != "none":  # prune every instance, so the optimality certificate decides
             mp.setattr(_flow, "_PRUNE_MIN_ARCS", -1)
             mp.setattr(_flow, "_PRUNE_MAX_SHARE", 2.0)
+            mp.setattr(_flow, "_PRUNE_ROUNDS", 50)
             mp.setattr(_flow, "_PRUNE_MARGIN", 0)
+        if prune == "top1":
+            mp.setattr(_flow, "_pruned_arcs", _top1_arcs)
         flow = _solve(inst)
     exact = _solve(inst, method="highs")
     assert flow.engine in ("flow", "none") and exact.engine != "flow"
