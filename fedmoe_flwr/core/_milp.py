@@ -17,6 +17,9 @@ from ._flow import flow_available, solve_count_flow
 from ._mixed_flow import class_incumbent
 
 
+_HIGHS_MAX_PAIRS = 1_000_000
+
+
 def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """Per row, the most eligible items whose costs fit ``budget`` (cheapest first)."""
     c = np.sort(np.where(eligible, costs, np.inf), axis=1)
@@ -105,10 +108,15 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
             return x, state, (0.0 if x is not None else None), "lp", "flow"
     inc = None  # (x, value, upper bound) of the mixed-size primal-dual loop
     if knap and not force_milp and use_flow:
+        # past _HIGHS_MAX_PAIRS variables HiGHS cannot improve on the loop within seconds
+        # (building its model alone takes that long): the loop gets all the time
+        big = int(np.count_nonzero(E)) > _HIGHS_MAX_PAIRS
         inc = class_incumbent(s, E, nbytes, budget_rows, lo, hi, k_lo, cnt_hi,
-                              time_limit=time_limit / 4, target_gap=gap)
-        if inc is not None and _rel_gap(-inc[2], -inc[1]) <= gap:
-            return inc[0], "optimal", _rel_gap(-inc[2], -inc[1]), "milp", "flow_lagrange"
+                              time_limit=time_limit if big else time_limit / 4, target_gap=gap,
+                              rounds=1000 if big else 30)
+        if inc is not None and (big or _rel_gap(-inc[2], -inc[1]) <= gap):
+            g = _rel_gap(-inc[2], -inc[1])
+            return inc[0], ("optimal" if g <= gap else "time_limit"), g, "milp", "flow_lagrange"
     time_limit -= time.perf_counter() - t0
     ci, ki = np.nonzero(E)
     n = ci.size

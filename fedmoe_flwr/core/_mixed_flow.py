@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ._flow import _mcf, flow_available, integer_costs
+from ._flow import _PRUNE_MARGIN, _PRUNE_MIN_ARCS, _mcf, flow_available, integer_costs
 
 _GRID_MAX = 4096  # count vectors enumerated per client; beyond, no incumbent (HiGHS only)
 
@@ -60,6 +60,7 @@ def class_incumbent(s, E, nbytes, rows, lo, hi, k_lo, k_hi, *, time_limit, targe
         return None
     cost, scale = integer_costs(np.where(E, s, 0.0), C * (G + 1) + K + 1)
     p = np.zeros(K)
+    n_arcs = int(np.count_nonzero(E))
     best_x, best_val, bound = None, -np.inf, np.inf
     for _ in range(rounds):
         n, v, col = knap.best_counts(s - p)
@@ -67,7 +68,8 @@ def class_incumbent(s, E, nbytes, rows, lo, hi, k_lo, k_hi, *, time_limit, targe
             return None  # some client has no feasible count vector: the stage is infeasible
         L = float(v.sum() + np.where(p > 0, p * hi_k, p * lo_k).sum())
         bound = min(bound, L)
-        x, d_k = _capped_flow(cost, E, cls, n, lo_k.astype(np.int64), hi_k.astype(np.int64), k_lo)
+        A = E if n_arcs <= _PRUNE_MIN_ARCS else _class_pruned(s - p, E, cls, n, hi_k)
+        x, d_k = _capped_flow(cost, A, cls, n, lo_k.astype(np.int64), hi_k.astype(np.int64), k_lo)
         if x is not None:
             val = float((s * x).sum())
             if val > best_val:
@@ -116,6 +118,8 @@ class _ClientKnapsack:
     def __init__(self, E, cls, G, units, k_lo, k_hi):
         C, K = E.shape
         self.E, self.cls, self.G = E, cls, G
+        self.cols_g = [np.flatnonzero(cls == g) for g in range(G)]
+        self.E_g = [E[:, c] for c in self.cols_g]
         self.elig = np.stack([E[:, cls == g].sum(axis=1) for g in range(G)], axis=1)  # [C, G]
         sizes = np.bincount(cls, minlength=G)
         self.last = int(np.argmax(sizes))  # the class chosen in closed form
@@ -147,15 +151,16 @@ class _ClientKnapsack:
 
     def best_counts(self, r):
         """``(n [C, G], value [C], col [K])`` maximising each client's reduced score (``col``:
-        how many clients would hold each expert), or (None, None, None)."""
+        about how many clients would hold each expert, ties counted), or (None, None, None)."""
         C = r.shape[0]
-        prefix, npos = [], []
+        keys, srt, prefix, npos = [], [], [], []
         for g in range(self.G):
-            cols = self.cls == g
-            v = np.where(self.E[:, cols], r[:, cols], -np.inf)
-            v = -np.sort(-v, axis=1)
+            key = np.where(self.E_g[g], r[:, self.cols_g[g]], -np.inf)
+            v = -np.sort(-key, axis=1)
+            keys.append(key)
+            srt.append(v)
             npos.append((v > 0).sum(axis=1))
-            prefix.append(np.concatenate([np.zeros((C, 1)), np.cumsum(np.where(np.isfinite(v), v, 0.0), axis=1)], axis=1))
+            prefix.append(np.concatenate([np.zeros((C, 1)), np.cumsum(np.where(v > -np.inf, v, 0.0), axis=1)], axis=1))
         n_last = np.clip(npos[self.last][:, None], self.lower, self.room).astype(np.int64)  # concave: clip
         n_last = np.where(self.valid, n_last, 0)
         val = np.take_along_axis(prefix[self.last], n_last, axis=1)
@@ -171,12 +176,28 @@ class _ClientKnapsack:
         for j, g in enumerate(self.others):
             n[:, g] = self.grid[m, j]
         col = np.zeros(r.shape[1])
-        for g in range(self.G):  # each client's n[c, g] best of class g
-            cols = np.flatnonzero(self.cls == g)
-            order = np.argsort(-np.where(self.E[:, cols], r[:, cols], -np.inf), axis=1, kind="stable")
-            take = np.arange(cols.size)[None, :] < n[:, g][:, None]
-            np.add.at(col, cols[order[take]], 1)
+        for g in range(self.G):  # each client's n[c, g] best of class g (by threshold)
+            thr = srt[g][np.arange(C), np.maximum(n[:, g], 1) - 1]
+            take = (keys[g] >= thr[:, None]) & (n[:, g] > 0)[:, None]
+            col[self.cols_g[g]] = take.sum(axis=0)
         return n, best, col
+
+
+def _class_pruned(r, E, cls, n, hi_k):
+    """The arcs a round's flow may use on a large instance (a heuristic: the bound does
+    not depend on them): per client and class the ``n[c, g] + margin`` best by reduced
+    score ``r``, and per expert its ``max(hi) + margin`` best clients."""
+    C, K = E.shape
+    key = np.where(E, r, -np.inf)
+    keep = np.zeros((C, K), bool)
+    for g in range(n.shape[1]):
+        cols = np.flatnonzero(cls == g)
+        v = -np.sort(-key[:, cols], axis=1)
+        thr = v[np.arange(C), np.clip(n[:, g] + _PRUNE_MARGIN, 1, cols.size) - 1]
+        keep[:, cols] = key[:, cols] >= thr[:, None]
+    m = min(C, max(1, int(hi_k.max(initial=0)) + _PRUNE_MARGIN))
+    keep |= key >= np.partition(key, C - m, axis=0)[C - m][None, :]
+    return E & keep
 
 
 def _capped_flow(cost, E, cls, n, lo_k, hi_k, k_lo):
