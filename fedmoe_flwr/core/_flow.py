@@ -29,6 +29,8 @@ _MAX_COST = 2**40  # cost resolution; OR-Tools also needs max|cost| * (nodes + 1
 _PRUNE_MIN_ARCS = 200_000  # below this the full problem solves in tens of ms: no pruning
 _PRUNE_MARGIN = 8  # experts kept per client beyond what it can hold
 _PRUNE_ROUNDS = 3
+_KEEP_ALL_FRACTION = 2.0  # clients that can hold half the experts keep all their arcs
+_SAMPLE_ARCS = 100_000  # size of the client sample whose prices rank the arcs
 _PRUNE_MAX_SHARE = 0.4  # a pruned problem with more of the arcs than this is no faster
 
 
@@ -95,7 +97,7 @@ def _price_estimate(cost, E, net):
     """Expert potentials of the problem on an evenly spaced sample of clients (bounds
     scaled to the sample), or zeros: they rank each client's experts for pruning."""
     C, K = E.shape
-    step = max(1, int(np.ceil(C * K / (_PRUNE_MIN_ARCS // 2))))
+    step = max(1, int(np.ceil(C * K / _SAMPLE_ARCS)))
     rows = np.arange(0, C, step)
     f = rows.size / C
     E_s = E[rows]
@@ -119,6 +121,7 @@ def _pruned_arcs(cost, E, net, d_k):
     A = key >= srt[rows, np.clip(net.k_hi + _PRUNE_MARGIN, 1, K) - 1][:, None]
     last = srt[rows, np.clip(net.k_hi, 1, K) - 1]  # the client's marginal slot
     rel = key - np.where(np.isfinite(last), last, 0.0)[:, None]
+    A |= (net.k_hi * _KEEP_ALL_FRACTION >= K)[:, None]
     m = min(C, max(1, int(net.hi_k.max(initial=0)) + _PRUNE_MARGIN))
     thr = np.partition(rel, C - m, axis=0)[C - m]
     return E & (A | (rel >= thr[None, :]))

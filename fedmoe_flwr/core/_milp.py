@@ -68,7 +68,8 @@ def _budget_rows(E, nbytes, memory, tpe, slack):
             budget = np.where(prop, np.minimum(budget, slack / rmin * (1 + 1e-9)), budget)
         if (~prop).any():
             rows.append((tpe, np.where(prop, np.inf, slack)))
-    if np.all(nbytes == np.round(nbytes)) and nbytes.max(initial=0) < 2**52:
+    # (equal sizes: every budget is already a whole number of experts, nothing to tighten)
+    if np.all(nbytes == np.round(nbytes)) and nbytes.max(initial=0) < 2**52 and np.ptp(nbytes) > 0:
         b_int = nbytes.astype(np.int64)
         g = np.gcd.reduce(np.where(E, b_int[None, :], 0), axis=1).astype(np.float64)
         fin = (g > 0) & np.isfinite(budget)

@@ -94,6 +94,8 @@ def _clean_score(score: np.ndarray) -> np.ndarray:
     """NaN -> 0; +-inf -> +-(1e6 or twice the largest finite magnitude)."""
     s = np.asarray(score, dtype=np.float64)
     finite = np.isfinite(s)
+    if finite.all():
+        return s
     big = max(_INF_SCORE, 2.0 * float(np.abs(s[finite]).max(initial=0.0)))
     return np.where(np.isnan(s), 0.0, np.clip(np.where(finite, s, np.sign(s) * big), -big, big))
 
