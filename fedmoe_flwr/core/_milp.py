@@ -1,8 +1,11 @@
-"""HiGHS programs for :mod:`fedmoe_flwr.core.assign` (private).
+"""One stage of :mod:`fedmoe_flwr.core.assign` (private): reduce, dispatch, solve.
 
-Builds the sparse 0/1 program of one (possibly relaxed) assignment problem over the
-eligible (client, expert) pairs and solves it: LP relaxation first (integral for a
-bipartite degree-bound system), then a restricted MILP incumbent, then the full MILP.
+Reduces memory and deadline rows to per-client count caps where the client's experts
+cost the same, then dispatches: a pure count-capped problem to the min-cost flow
+(:mod:`._flow`); a problem with knapsack rows to the primal-dual incumbent
+(:mod:`._mixed_flow`) and to HiGHS. The HiGHS program is sparse over the eligible
+(client, expert) pairs: LP relaxation first (integral for a bipartite degree-bound
+system), then a restricted MILP incumbent, then the full MILP.
 """
 
 from __future__ import annotations

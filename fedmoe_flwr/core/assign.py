@@ -1,4 +1,5 @@
-"""Expert assignment: the exact optimisation of DESIGN §5, plus the baselines' helpers.
+"""Expert assignment: the exact optimisation (docs/architecture.md#assignment), plus the
+baselines' helpers.
 
 :func:`assign_experts` maximises ``sum score[c, k] x[c, k]`` over binary ``x`` subject to
 
@@ -8,17 +9,21 @@
 - count: ``sum_k x[c, k] >= 1`` for each client that can hold one expert within memory
   and deadline (``min_one``), or ``== k_fixed[c]`` when given.
 
-It is solved with HiGHS through :func:`scipy.optimize.milp` on sparse matrices holding
-only the eligible pairs (an expert that alone breaks a client's memory or deadline is not
-a variable). For a client whose eligible experts all have the same bytes and the same
-time, memory and deadline reduce to a cap on how many it holds (a per-expert time
+Only the eligible pairs are variables (an expert that alone breaks a client's memory or
+deadline is not). For a client whose eligible experts all have the same bytes and the
+same time, memory and deadline reduce to a cap on how many it holds (a per-expert time
 proportional to bytes, the transfer-only time model, also folds the deadline into the
-byte budget). When every client reduces so, the constraint matrix is a bipartite
-degree-bound system (totally unimodular) and the LP relaxation, always solved first, has
-an integral vertex optimum: no branching. Otherwise (experts of different sizes) the
-problem is a MILP: a quick incumbent restricted to the LP support is tried, then the full
-MILP within the time limit. Solutions are checked and repaired to satisfy memory exactly
-(and the deadline up to 1e-9 relative), guarding against solver tolerances.
+byte budget). When every client reduces so, the problem is a bipartite b-matching
+(totally unimodular): it is solved exactly as a min-cost flow (:mod:`._flow`, OR-Tools;
+large cohorts on pruned arcs with an optimality certificate), or by HiGHS's LP
+relaxation, whose vertex optimum is integral, with ``method="highs"``. Otherwise
+(experts of different sizes, or times that differ by expert within a client) it is a
+MILP: a primal-dual loop (:mod:`._mixed_flow`: Lagrangian bound, class-capped flows)
+gives an incumbent with a proven gap, and HiGHS (:func:`scipy.optimize.milp`, LP first)
+runs in the remaining time unless the loop already met ``mip_rel_gap``; the better
+solution and the tighter bound are kept. Solutions are checked and repaired to satisfy
+memory exactly (and the deadline up to 1e-9 relative), guarding against solver
+tolerances.
 
 Infeasibility degrades gracefully and never raises. Relaxations, in order, each tried
 only if the previous problem was infeasible:
