@@ -14,7 +14,6 @@ from .assign import (
     assign_topk,
     capacity_in_experts,
 )
-from .assign_bench import bench_solver
 from .fitness import (
     FitnessState,
     exploration_bonus,
@@ -80,3 +79,13 @@ __all__ = [
     "validate_report",
     "validate_update",
 ]
+
+
+def __getattr__(name: str):
+    """``bench_solver`` is imported on first use, so ``python -m fedmoe_flwr.core.assign_bench``
+    runs the module once (no runpy double import)."""
+    if name == "bench_solver":
+        from .assign_bench import bench_solver
+
+        return bench_solver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from ._flow import flow_available, solve_count_flow
 from ._mixed_flow import class_incumbent
 
 
-_HIGHS_MAX_PAIRS = 1_000_000
+_HIGHS_MAX_PAIRS = 300_000
 
 
 def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:

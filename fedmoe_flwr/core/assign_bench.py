@@ -3,6 +3,8 @@
     python -m fedmoe_flwr.core.assign --bench [--C 1000 --K 64 --seeds 3 --nonuniform]
     python -m fedmoe_flwr.core.assign --bench --grid [--seeds 1 --out docs/bench/solver.json]
 
+(``python -m fedmoe_flwr.core.assign_bench`` takes the same arguments.)
+
 ``--grid`` solves cohorts of 100, 1,000 and 10,000 clients x 8, 64 and 256 experts, with
 uniform and mixed expert sizes, and prints one row per cell: wall and CPU seconds (the CPU
 time is the steadier figure on a shared machine), which code found the answer, the status
@@ -136,3 +138,7 @@ def main(argv=None) -> None:
                       f"assigned={r['assigned']} relaxed={r['relaxed']}")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
