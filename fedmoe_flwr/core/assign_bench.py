@@ -2,6 +2,7 @@
 
     python -m fedmoe_flwr.core.assign --bench [--C 1000 --K 64 --seeds 3 --nonuniform]
     python -m fedmoe_flwr.core.assign --bench --grid [--seeds 1 --out docs/bench/solver.json]
+                                      [--cohorts 100,1000,10000 --experts 8,64,256 --gap 0.01]
 
 (``python -m fedmoe_flwr.core.assign_bench`` takes the same arguments.)
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -114,15 +116,20 @@ def main(argv=None) -> None:
     p.add_argument("--time-limit", type=float, default=10.0)
     p.add_argument("--gap", type=float, default=0.01, help="--grid: relative gap at which mixed sizes stop")
     p.add_argument("--band", type=float, default=0.0, help="--grid: load band (0 = tightest balance)")
+    p.add_argument("--cohorts", default=",".join(map(str, GRID_COHORTS)), help="--grid: cohort sizes")
+    p.add_argument("--experts", default=",".join(map(str, GRID_EXPERTS)), help="--grid: expert counts")
     p.add_argument("--out", default=None, help="JSON path (--grid default: docs/bench/solver.json)")
     a = p.parse_args(argv)
     if a.grid:
-        rows = run_grid(a.seeds or 1, a.time_limit, a.gap, a.band)
+        load_before = os.getloadavg()[0]  # wall times stretch on a busy machine; CPU times less so
+        rows = run_grid(a.seeds or 1, a.time_limit, a.gap, a.band,
+                        [int(c) for c in a.cohorts.split(",")], [int(k) for k in a.experts.split(",")])
         out = Path(a.out or "docs/bench/solver.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(command="python -m fedmoe_flwr.core.assign --bench --grid", seeds=a.seeds or 1,
                     time_limit_s=a.time_limit, mixed_gap=a.gap, band=a.band, python=platform.python_version(),
-                    machine=platform.machine(), processor=platform.processor())
+                    machine=platform.machine(), cpus=os.cpu_count(),
+                    load_avg_1min=[load_before, os.getloadavg()[0]])
         out.write_text(json.dumps(dict(meta=meta, cells=rows), indent=1))
         print(f"wrote {out}")
         return
