@@ -30,7 +30,6 @@ _PRUNE_MIN_ARCS = 200_000  # below this the full problem solves in tens of ms: n
 _PRUNE_MARGIN = 8  # experts kept per client beyond what it can hold
 _PRUNE_ROUNDS = 3
 _KEEP_ALL_FRACTION = 2.0  # clients that can hold half the experts keep all their arcs
-_SAMPLE_ARCS = 100_000  # size of the client sample whose prices rank the arcs
 _PRUNE_MAX_SHARE = 0.4  # a pruned problem with more of the arcs than this is no faster
 
 
@@ -49,8 +48,7 @@ def integer_costs(s: np.ndarray, nodes: int) -> tuple[np.ndarray, float]:
 def solve_count_flow(s, E, lo, hi, k_lo, k_hi):
     """The optimal b-matching, or None if the bounds cannot all hold.
 
-    Large instances are first solved on a pruned arc set (each client's best-scoring
-    experts, a few more than it can hold); the result is certified optimal for the full
+    Large instances are first solved on a pruned arc set (:func:`_pruned_arcs`); the result is certified optimal for the full
     arc set by node potentials (:func:`_potentials`) under which no left-out arc has a
     negative reduced cost. Left-out arcs that violate it are added and the pruned problem
     solved again; after ``_PRUNE_ROUNDS`` (or if the pruned problem is infeasible) the
@@ -75,7 +73,7 @@ def solve_count_flow(s, E, lo, hi, k_lo, k_hi):
     net = _Network(C, K, lo_k, hi_k, k_lo, k_hi)
     n_arcs = int(np.count_nonzero(E))
     if n_arcs > _PRUNE_MIN_ARCS:
-        A = _pruned_arcs(cost, E, net, _price_estimate(cost, E, net))
+        A = _pruned_arcs(cost, E, net)
         for _ in range(_PRUNE_ROUNDS):
             if A.sum() >= _PRUNE_MAX_SHARE * n_arcs:
                 break
@@ -93,29 +91,14 @@ def solve_count_flow(s, E, lo, hi, k_lo, k_hi):
     return net.solve(E, cost)
 
 
-def _price_estimate(cost, E, net):
-    """Expert potentials of the problem on an evenly spaced sample of clients (bounds
-    scaled to the sample), or zeros: they rank each client's experts for pruning."""
+def _pruned_arcs(cost, E, net):
+    """Arcs likely in the optimum: each client's ``k_hi + margin`` best, all arcs of a
+    client that can hold half the experts (its choice among many near-ties is set by the
+    balance prices), and each expert's ``max(hi) + margin`` best clients relative to what
+    the client's last slot is worth (so every expert keeps enough candidates). Prices are
+    not estimated: a sample's prices proved worse than none."""
     C, K = E.shape
-    step = max(1, int(np.ceil(C * K / _SAMPLE_ARCS)))
-    rows = np.arange(0, C, step)
-    f = rows.size / C
-    E_s = E[rows]
-    col = E_s.sum(axis=0)
-    lo_s = np.minimum(np.floor(net.lo_k * f).astype(np.int64), col)
-    hi_s = np.minimum(np.ceil(net.hi_k * f).astype(np.int64), col)
-    sub = _Network(rows.size, K, lo_s, np.maximum(hi_s, lo_s), net.k_lo[rows], net.k_hi[rows])
-    x, _ = sub.solve(E_s, cost[rows])
-    d = None if x is None else _potentials(sub, x, E_s, cost[rows])
-    return np.zeros(K, np.int64) if d is None else d[1]
-
-
-def _pruned_arcs(cost, E, net, d_k):
-    """Arcs likely in the optimum, by reduced score ``cost + d_k``: each client's
-    ``k_hi + margin`` best, and each expert's ``max(hi) + margin`` best clients relative to
-    what the client's last slot is worth (so every expert keeps enough candidates)."""
-    C, K = E.shape
-    key = np.where(E, (cost + d_k[None, :]).astype(np.float64), -np.inf)
+    key = np.where(E, cost.astype(np.float64), -np.inf)
     srt = -np.sort(-key, axis=1)
     rows = np.arange(C)
     A = key >= srt[rows, np.clip(net.k_hi + _PRUNE_MARGIN, 1, K) - 1][:, None]
