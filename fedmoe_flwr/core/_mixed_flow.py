@@ -196,7 +196,7 @@ def _class_pruned(r, E, cls, n, hi_k):
         thr = v[np.arange(C), np.clip(n[:, g] + _PRUNE_MARGIN, 1, cols.size) - 1]
         keep[:, cols] = key[:, cols] >= thr[:, None]
     m = min(C, max(1, int(hi_k.max(initial=0)) + _PRUNE_MARGIN))
-    keep |= key >= np.partition(key, C - m, axis=0)[C - m][None, :]
+    keep |= key >= np.partition(np.ascontiguousarray(key.T), C - m, axis=1)[:, C - m][None, :]
     return E & keep
 
 
