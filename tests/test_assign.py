@@ -418,3 +418,21 @@ def test_bench_solver_still_exported_and_solves_by_flow():
     assert r.status == "optimal" and r.engine == "flow" and r.x.any(1).all()
     r = bench_solver(50, 8, 0, uniform_bytes=False, mip_rel_gap=1e-9)
     assert r.status == "optimal" and r.method == "milp"
+
+
+def test_without_ortools_highs_solves_the_same_problem():
+    from fedmoe_flwr.core import _flow, _mixed_flow
+
+    rng = np.random.default_rng(4)
+    s, mem = rng.random((40, 6)), rng.choice([1.0, 2.0, 4.0], size=40)
+    kw = dict(lo=np.full(6, 5), hi=np.full(6, 12))
+    with_flow = assign_experts(s, np.ones(6), mem, **kw)
+    mixed_flow = assign_experts(s, np.array([1.0, 1, 1, 2, 2, 2]), mem, mip_rel_gap=1e-9, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_flow, "_mcf", None)
+        mp.setattr(_mixed_flow, "_mcf", None)
+        plain = assign_experts(s, np.ones(6), mem, **kw)
+        mixed = assign_experts(s, np.array([1.0, 1, 1, 2, 2, 2]), mem, mip_rel_gap=1e-9, **kw)
+    assert with_flow.engine == "flow" and plain.engine == "highs_lp" and plain.status == "optimal"
+    assert plain.objective == pytest.approx(with_flow.objective, abs=1e-9)
+    assert mixed.engine == "highs_milp" and mixed.objective == pytest.approx(mixed_flow.objective, abs=1e-6)

@@ -74,7 +74,9 @@ def class_incumbent(s, E, nbytes, rows, lo, hi, k_lo, k_hi, *, time_limit, targe
             val = float((s * x).sum())
             if val > best_val:
                 best_x, best_val = x, val
-        if best_x is not None and (_rel(bound, best_val) <= target_gap or time.perf_counter() - t0 > time_limit):
+        if best_x is not None and _rel(bound, best_val) <= target_gap:
+            break
+        if time.perf_counter() - t0 > time_limit:
             break
         if x is not None and not np.array_equal(-d_k / scale, p):
             p = -d_k / scale  # the flow's duals: the balance prices given these counts
