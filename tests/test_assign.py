@@ -338,15 +338,19 @@ def _check_all(inst, res):
 @st.composite
 def count_capped(draw, sizes=(1,)):
     """Instances whose clients' memory and deadline are caps on a count (uniform sizes, a
-    per-client time per expert), or with ``sizes`` of several values, transfer-time rows."""
+    per-client time per expert), or with ``sizes`` of several values, knapsack rows whose
+    costs are equal within a size class (the time model of ``expert_time_costs``)."""
     C, K = draw(st.integers(1, 30)), draw(st.integers(1, 12))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     b = rng.choice(np.array(sizes, float), size=K)
     t_c = rng.choice([0.5, 1.0, 2.0], size=C)
+    # transfer time proportional to size, plus (for some clients) a per-expert compute
+    # share: then memory and deadline are two rows, not one
+    extra = rng.choice([0.0, 0.0, 0.5], size=C)
     dl = draw(st.one_of(st.none(), st.integers(1, 8)))
     band = [None, rng.integers(0, C // 2 + 2, K), rng.integers(C // 4, C + 1, K)]
     return dict(s=rng.integers(-4, 12, (C, K)) / 4.0, b=b, mem=rng.integers(0, 2 * K + 2, C) * 1.0,
-                tf=rng.integers(0, 3, C) * 1.0, tpe=t_c[:, None] * b[None, :], deadline=dl,
+                tf=rng.integers(0, 3, C) * 1.0, tpe=t_c[:, None] * b[None, :] + extra[:, None], deadline=dl,
                 lo=band[draw(st.integers(0, 2))], hi=band[draw(st.integers(0, 2))],
                 kf=rng.integers(0, K + 1, C) if draw(st.integers(0, 4)) == 0 else None)
 
