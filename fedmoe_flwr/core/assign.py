@@ -75,7 +75,8 @@ class AssignmentResult:
             ``"empty"`` (no clients or no experts).
         solve_time_s: wall time of the whole call.
         objective: ``sum score * x`` with the cleaned score (NaN -> 0).
-        mip_gap: relative MILP gap reported by HiGHS; 0.0 for the LP path; ``None`` for
+        mip_gap: proven relative gap to the optimum (the tighter of HiGHS's bound and the
+            mixed-size loop's Lagrangian bound); 0.0 for the exact paths; ``None`` for
             greedy.
         relaxed: what was relaxed, in order, e.g. ``["balance_lo_clipped", "balance_lo"]``.
         method: ``"lp"`` (the LP relaxation is integral: exact without branching),
@@ -168,8 +169,9 @@ def assign_experts(
             else the LP relaxation first and the MILP only if its optimum is fractional),
             ``"highs"`` (as ``"auto"`` but HiGHS only, no flow), ``"milp"`` (straight to
             the MILP) or ``"greedy"`` (no solver; balance ignored).
-        time_limit_s: HiGHS time limit for the whole call.
-        mip_rel_gap: relative MILP gap at which HiGHS stops.
+        time_limit_s: time limit for the whole call (the mixed-size loop and HiGHS; the
+            flow has none: it is exact and fast).
+        mip_rel_gap: relative gap at which the MILP search (loop or HiGHS) stops.
     """
     t0 = time.perf_counter()
     if method not in _METHODS:
