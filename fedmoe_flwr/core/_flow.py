@@ -77,7 +77,7 @@ def solve_count_flow(s, E, lo, hi, k_lo, k_hi):
         for _ in range(_PRUNE_ROUNDS):
             if A.sum() >= _PRUNE_MAX_SHARE * n_arcs:
                 break
-            x, state = net.solve(A, cost)
+            x, _ = net.solve(A, cost)
             if x is None:
                 break  # infeasible on the pruned arcs says nothing: solve in full
             d = _potentials(net, x, A, cost)

@@ -99,8 +99,7 @@ def _rel(bound, value):
 def _class_units(costs, E, cls, G, budget):
     """``[C, G]`` cost of one expert of each class per client (0 where the budget is
     infinite), or None if some client's costs differ within a class."""
-    C, K = E.shape
-    out = np.zeros((C, G))
+    out = np.zeros((E.shape[0], G))
     for g in range(G):
         cols = cls == g
         e = E[:, cols]
@@ -118,7 +117,7 @@ class _ClientKnapsack:
     """Each client's best count vector (experts per class) at given reduced scores."""
 
     def __init__(self, E, cls, G, units, k_lo, k_hi):
-        C, K = E.shape
+        C = E.shape[0]
         self.E, self.cls, self.G = E, cls, G
         self.cols_g = [np.flatnonzero(cls == g) for g in range(G)]
         self.E_g = [E[:, c] for c in self.cols_g]
