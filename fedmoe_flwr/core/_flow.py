@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - exercised only where ortools is missin
 
 _MAX_COST = 2**40  # cost resolution; OR-Tools also needs max|cost| * (nodes + 1) < 2**63
 _PRUNE_MIN_ARCS = 200_000  # below this the full problem solves in tens of ms: no pruning
-_PRUNE_MARGIN = 8  # experts kept per client beyond what it can hold
+_PRUNE_MARGIN = 8  # experts kept per client beyond what it can hold, plus
+_PRUNE_MARGIN_SHARE = 0.25  # this share of its cap (near-ties grow with the cap)
 _PRUNE_ROUNDS = 3
 _KEEP_ALL_FRACTION = 2.0  # clients that can hold half the experts keep all their arcs
 _PRUNE_MAX_SHARE = 0.4  # a pruned problem with more of the arcs than this is no faster
@@ -92,7 +93,8 @@ def solve_count_flow(s, E, lo, hi, k_lo, k_hi):
 
 
 def _pruned_arcs(cost, E, net):
-    """Arcs likely in the optimum: each client's ``k_hi + margin`` best, all arcs of a
+    """Arcs likely in the optimum: each client's ``k_hi + margin`` best (margin 8 plus a
+    quarter of ``k_hi``), all arcs of a
     client that can hold half the experts (its choice among many near-ties is set by the
     balance prices), and each expert's ``max(hi) + margin`` best clients relative to what
     the client's last slot is worth (so every expert keeps enough candidates). Prices are
@@ -101,7 +103,8 @@ def _pruned_arcs(cost, E, net):
     key = np.where(E, cost.astype(np.float64), -np.inf)
     srt = -np.sort(-key, axis=1)
     rows = np.arange(C)
-    A = key >= srt[rows, np.clip(net.k_hi + _PRUNE_MARGIN, 1, K) - 1][:, None]
+    keep = net.k_hi + _PRUNE_MARGIN + (net.k_hi * _PRUNE_MARGIN_SHARE).astype(np.int64)
+    A = key >= srt[rows, np.clip(keep, 1, K) - 1][:, None]
     last = srt[rows, np.clip(net.k_hi, 1, K) - 1]  # the client's marginal slot
     rel = key - np.where(np.isfinite(last), last, 0.0)[:, None]
     A |= (net.k_hi * _KEEP_ALL_FRACTION >= K)[:, None]
