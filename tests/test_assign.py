@@ -261,7 +261,7 @@ def test_capacity_in_experts():
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 25), st.integers(1, 10), st.integers(0, 10_000), st.booleans(), st.booleans())
-def test_random_instances_memory_always_and_constraints_when_optimal(C, K, seed, dl, bal):
+def test_random_instances_respect_memory_and_every_constraint_not_relaxed(C, K, seed, dl, bal):
     rng = np.random.default_rng(seed)
     nbytes = rng.uniform(0.5, 3.0, K)  # non-integer sizes: knapsack rows, MILP path
     mem = rng.uniform(0.0, 8.0, C)
@@ -272,6 +272,22 @@ def test_random_instances_memory_always_and_constraints_when_optimal(C, K, seed,
     x = res.x
     assert x.dtype == bool and x.shape == (C, K)
     assert ((x * nbytes).sum(1) <= mem).all()
+    # small instances are solved, never left to the greedy fallback; without k_fixed the
+    # deadline is never relaxed, and "optimal" means nothing was
+    assert res.status in ("optimal", "relaxed_balance") and res.method in ("lp", "milp")
+    assert "deadline" not in res.relaxed and (res.status != "optimal" or res.relaxed == [])
+    elig = nbytes[None, :] <= mem[:, None]
+    held = x.any(1)
+    if dl:
+        assert (tf + (x * tpe).sum(1))[held].max(initial=0) <= 3.0 + 1e-9
+        elig &= tf[:, None] + tpe <= 3.0
+    assert (held | ~elig.any(1)).all()  # at least one expert wherever one fits
+    if bal:
+        lo_eff = np.minimum(lo, elig.sum(0)) if "balance_lo_clipped" in res.relaxed else lo
+        if "balance_lo" not in res.relaxed:
+            assert (x.sum(0) >= lo_eff).all()
+        if "balance_hi" not in res.relaxed:
+            assert (x.sum(0) <= hi).all()
     if res.status == "optimal":
         held = x.any(1)
         if dl:
@@ -292,3 +308,135 @@ def test_time_model_keeps_slow_client_within_deadline():
     res = assign_experts(np.ones((2, 4)), nbytes, np.full(2, 4e6), time_fixed=tf, time_per_expert=tpe,
                          deadline=6.0)
     assert res.x.sum(1).tolist() == [4, 1] and res.status == "optimal"
+
+
+# ---- min-cost flow (count caps) and the mixed-size incumbent, against HiGHS ----------
+
+
+def _check_all(inst, res):
+    """Memory always; deadline, balance, at-least-one and k_fixed unless relaxed."""
+    x, b, mem, tpe, tf, dl = res.x, inst["b"], inst["mem"], inst["tpe"], inst["tf"], inst["deadline"]
+    assert ((x * b).sum(1) <= mem * (1 + 1e-12)).all()
+    elig = b[None, :] <= mem[:, None]
+    if dl is not None and "deadline" not in res.relaxed:
+        assert ((tf + (x * tpe).sum(1))[x.any(1)] <= dl + 1e-9).all()
+        elig &= tf[:, None] + tpe <= dl
+    if inst["kf"] is None:
+        assert (x.any(1) | ~elig.any(1)).all()
+    elif "k_fixed_capped" not in res.relaxed:
+        assert (x.sum(1) == inst["kf"]).all()
+    lo, hi = inst["lo"], inst["hi"]
+    if "deadline" in res.relaxed:  # the last stage keeps memory (and counts) only
+        return
+    if lo is not None and "balance_lo" not in res.relaxed:
+        lo = np.minimum(lo, hi) if hi is not None else lo
+        assert (x.sum(0) >= (np.minimum(lo, elig.sum(0)) if "balance_lo_clipped" in res.relaxed else lo)).all()
+    if hi is not None and "balance_hi" not in res.relaxed:
+        assert (x.sum(0) <= hi).all()
+
+
+@st.composite
+def count_capped(draw, sizes=(1,)):
+    """Instances whose clients' memory and deadline are caps on a count (uniform sizes, a
+    per-client time per expert), or with ``sizes`` of several values, knapsack rows whose
+    costs are equal within a size class (the time model of ``expert_time_costs``)."""
+    C, K = draw(st.integers(1, 30)), draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    b = rng.choice(np.array(sizes, float), size=K)
+    t_c = rng.choice([0.5, 1.0, 2.0], size=C)
+    # transfer time proportional to size, plus (for some clients) a per-expert compute
+    # share: then memory and deadline are two rows, not one
+    extra = rng.choice([0.0, 0.0, 0.5], size=C)
+    dl = draw(st.one_of(st.none(), st.integers(1, 8)))
+    band = [None, rng.integers(0, C // 2 + 2, K), rng.integers(C // 4, C + 1, K)]
+    return dict(s=rng.integers(-4, 12, (C, K)) / 4.0, b=b, mem=rng.integers(0, 2 * K + 2, C) * 1.0,
+                tf=rng.integers(0, 3, C) * 1.0, tpe=t_c[:, None] * b[None, :] + extra[:, None], deadline=dl,
+                lo=band[draw(st.integers(0, 2))], hi=band[draw(st.integers(0, 2))],
+                kf=rng.integers(0, K + 1, C) if draw(st.integers(0, 4)) == 0 else None)
+
+
+def _top1_arcs(cost, E, net):
+    """Each client's single best arc: a pruned set the certificate must keep extending."""
+    key = np.where(E, cost, np.iinfo(np.int64).min)
+    return E & (key == key.max(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("prune", ["none", "pruned", "top1"])
+@settings(max_examples=60, deadline=None)
+@given(count_capped())
+def test_min_cost_flow_equals_highs_and_respects_every_constraint(prune, inst):
+    from fedmoe_flwr.core import _flow
+
+    with pytest.MonkeyPatch.context() as mp:
+        if prune != "none":  # prune every instance, so the optimality certificate decides
+            mp.setattr(_flow, "_PRUNE_MIN_ARCS", -1)
+            mp.setattr(_flow, "_PRUNE_MAX_SHARE", 2.0)
+            mp.setattr(_flow, "_PRUNE_ROUNDS", 50)
+            mp.setattr(_flow, "_PRUNE_MARGIN", 0)
+        if prune == "top1":
+            mp.setattr(_flow, "_pruned_arcs", _top1_arcs)
+        flow = _solve(inst)
+    exact = _solve(inst, method="highs")
+    assert flow.engine in ("flow", "none") and exact.engine != "flow"
+    assert flow.status == exact.status and flow.relaxed == exact.relaxed
+    assert flow.objective == pytest.approx(exact.objective, abs=1e-6)
+    assert flow.mip_gap == 0.0 and flow.method == "lp"
+    _check_all(inst, flow)
+
+
+@pytest.mark.parametrize("highs_too", [True, False])
+@settings(max_examples=50, deadline=None)
+@given(count_capped(sizes=(1, 2, 3)), st.sampled_from([1e-9, 0.05, 0.5]))
+def test_mixed_sizes_reported_gap_bounds_the_true_gap(highs_too, inst, gap):
+    from fedmoe_flwr.core import _milp
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not highs_too:  # as on a large cohort: the primal-dual loop alone
+            mp.setattr(_milp, "_HIGHS_MAX_PAIRS", -1)
+        res = assign_experts(inst["s"], inst["b"], inst["mem"], time_fixed=inst["tf"],
+                             time_per_expert=inst["tpe"], deadline=inst["deadline"], lo=inst["lo"],
+                             hi=inst["hi"], k_fixed=inst["kf"], mip_rel_gap=gap)
+    exact = _solve(inst, method="milp")
+    assert res.relaxed == exact.relaxed
+    assert res.objective <= exact.objective + 1e-6
+    assert exact.objective <= res.objective + res.mip_gap * abs(res.objective) + 1e-6
+    if not res.relaxed:
+        assert res.status == ("optimal" if res.mip_gap <= gap else "time_limit")
+    _check_all(inst, res)
+
+
+def test_uniform_sizes_with_expert_dependent_times_keep_the_deadline_exactly():
+    # equal bytes but times that differ by expert: the deadline is a knapsack, not a count cap
+    tpe = np.array([[1.0, 3.0, 1.0, 3.0]])
+    res = assign_experts(np.array([[1.0, 5.0, 1.0, 5.0]]), np.ones(4), np.array([4.0]),
+                         time_fixed=np.zeros(1), time_per_expert=tpe, deadline=4.0)
+    assert res.engine != "flow" and res.status == "optimal"
+    # a count cap of 4 / min time would take both 5s (time 6); the optimum is one 5 and one 1
+    assert res.objective == 6.0 and (res.x * tpe).sum() <= 4.0
+
+
+def test_bench_solver_still_exported_and_solves_by_flow():
+    from fedmoe_flwr.core import bench_solver
+
+    r = bench_solver(50, 8, 0)
+    assert r.status == "optimal" and r.engine == "flow" and r.x.any(1).all()
+    r = bench_solver(50, 8, 0, uniform_bytes=False, mip_rel_gap=1e-9)
+    assert r.status == "optimal" and r.method == "milp"
+
+
+def test_without_ortools_highs_solves_the_same_problem():
+    from fedmoe_flwr.core import _flow, _mixed_flow
+
+    rng = np.random.default_rng(4)
+    s, mem = rng.random((40, 6)), rng.choice([1.0, 2.0, 4.0], size=40)
+    kw = dict(lo=np.full(6, 5), hi=np.full(6, 12))
+    with_flow = assign_experts(s, np.ones(6), mem, **kw)
+    mixed_flow = assign_experts(s, np.array([1.0, 1, 1, 2, 2, 2]), mem, mip_rel_gap=1e-9, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_flow, "_mcf", None)
+        mp.setattr(_mixed_flow, "_mcf", None)
+        plain = assign_experts(s, np.ones(6), mem, **kw)
+        mixed = assign_experts(s, np.array([1.0, 1, 1, 2, 2, 2]), mem, mip_rel_gap=1e-9, **kw)
+    assert with_flow.engine == "flow" and plain.engine == "highs_lp" and plain.status == "optimal"
+    assert plain.objective == pytest.approx(with_flow.objective, abs=1e-9)
+    assert mixed.engine == "highs_milp" and mixed.objective == pytest.approx(mixed_flow.objective, abs=1e-6)

@@ -36,7 +36,7 @@ _HOME = {
     "assign_full": "assign",
     "assign_random": "assign",
     "assign_topk": "assign",
-    "bench_solver": "assign",
+    "bench_solver": "assign_bench",
     "build_problem": "problem",
     "capacity_in_experts": "assign",
     "check_reply": "round",

@@ -1,8 +1,11 @@
-"""HiGHS programs for :mod:`fedmoe_flwr.core.assign` (private).
+"""One stage of :mod:`fedmoe_flwr.core.assign` (private): reduce, dispatch, solve.
 
-Builds the sparse 0/1 program of one (possibly relaxed) assignment problem over the
-eligible (client, expert) pairs and solves it: LP relaxation first (integral for a
-bipartite degree-bound system), then a restricted MILP incumbent, then the full MILP.
+Reduces memory and deadline rows to per-client count caps where the client's experts
+cost the same, then dispatches: a pure count-capped problem to the min-cost flow
+(:mod:`._flow`); a problem with knapsack rows to the primal-dual incumbent
+(:mod:`._mixed_flow`) and to HiGHS. The HiGHS program is sparse over the eligible
+(client, expert) pairs: LP relaxation first (integral for a bipartite degree-bound
+system), then a restricted MILP incumbent, then the full MILP.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from ._flow import flow_available, solve_count_flow
+from ._mixed_flow import class_incumbent
+
+
+_HIGHS_MAX_PAIRS = 300_000
+
 
 def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """Per row, the most eligible items whose costs fit ``budget`` (cheapest first)."""
@@ -21,11 +30,19 @@ def max_count_fitting(costs: np.ndarray, eligible: np.ndarray, budget: np.ndarra
 
 
 def _uniform_cap(costs: np.ndarray, E: np.ndarray, budget: np.ndarray):
-    """Rows whose eligible costs are all equal, and how many such items fit the budget."""
+    """Rows whose eligible costs are all equal, and how many such items fit the budget
+    (the eligible count for other rows). Division, not a sort: O(C K)."""
     lo_c = np.where(E, costs, np.inf).min(axis=1)
     hi_c = np.where(E, costs, -np.inf).max(axis=1)
-    uniform = (lo_c == hi_c) | ~E.any(axis=1)
-    cap = max_count_fitting(costs, E, budget)
+    n_elig = E.sum(axis=1)
+    uniform = (lo_c == hi_c) | (n_elig == 0)
+    unit = np.where(uniform & (n_elig > 0), lo_c, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = np.floor(np.where(unit > 0, budget / np.where(unit > 0, unit, 1.0), np.inf))
+        n = np.where(np.isnan(n), 0.0, n)
+        n = np.where(np.isfinite(n) & (n * unit > budget), n - 1, n)  # guard the division's rounding
+    n = np.where(budget < 0, -1.0, n)  # nothing fits, not even a free item
+    cap = np.where(uniform, np.clip(n, 0, n_elig), n_elig).astype(np.int64)
     return uniform, cap
 
 
@@ -54,7 +71,8 @@ def _budget_rows(E, nbytes, memory, tpe, slack):
             budget = np.where(prop, np.minimum(budget, slack / rmin * (1 + 1e-9)), budget)
         if (~prop).any():
             rows.append((tpe, np.where(prop, np.inf, slack)))
-    if np.all(nbytes == np.round(nbytes)) and nbytes.max(initial=0) < 2**52:
+    # (equal sizes: every budget is already a whole number of experts, nothing to tighten)
+    if np.all(nbytes == np.round(nbytes)) and nbytes.max(initial=0) < 2**52 and np.ptp(nbytes) > 0:
         b_int = nbytes.astype(np.int64)
         g = np.gcd.reduce(np.where(E, b_int[None, :], 0), axis=1).astype(np.float64)
         fin = (g > 0) & np.isfinite(budget)
@@ -63,16 +81,21 @@ def _budget_rows(E, nbytes, memory, tpe, slack):
     return rows
 
 
-def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_milp, time_limit, gap):
-    """One solve of the (possibly relaxed) problem. Returns (x, state, gap, method).
+def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_milp, time_limit, gap,
+                use_flow=True):
+    """One solve of the (possibly relaxed) problem. Returns (x, state, gap, method, engine).
 
     ``state`` is "optimal", "time_limit", "infeasible" or "error"; ``x`` is None unless a
-    solution was found.
+    solution was found. When every client reduces to a count cap (no knapsack row) and
+    ``use_flow``, the problem is a b-matching solved exactly by min-cost flow (method
+    "lp": its LP relaxation is integral; engine "flow"); otherwise HiGHS.
     """
     C, K = s.shape
     cnt_hi = np.minimum(k_hi, E.sum(axis=1))
+    t0 = time.perf_counter()
     knap = []  # (row mask, costs [C, K], budget [C]) kept as knapsack rows
-    for costs, budget in _budget_rows(E, nbytes, memory, tpe, slack):
+    budget_rows = _budget_rows(E, nbytes, memory, tpe, slack)
+    for costs, budget in budget_rows:
         binding = (np.where(E, costs, 0.0)).sum(axis=1) > budget
         uniform, cap = _uniform_cap(costs, E, budget)
         red = binding & uniform
@@ -80,11 +103,27 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
         if (binding & ~uniform).any():
             knap.append((binding & ~uniform, costs, budget))
     if (k_lo > cnt_hi).any():
-        return None, "infeasible", None, "lp"
+        return None, "infeasible", None, "lp", "none"
+    if not E.any():
+        return np.zeros((C, K), bool), "optimal", 0.0, "lp", "none"
+    if not knap and not force_milp and use_flow and flow_available():
+        x, state = solve_count_flow(s, E, lo, hi, k_lo, cnt_hi)
+        if state != "error":
+            return x, state, (0.0 if x is not None else None), "lp", "flow"
+    inc = None  # (x, value, upper bound) of the mixed-size primal-dual loop
+    if knap and not force_milp and use_flow:
+        # past _HIGHS_MAX_PAIRS variables HiGHS cannot improve on the loop within seconds
+        # (building its model alone takes that long): the loop gets all the time
+        big = int(np.count_nonzero(E)) > _HIGHS_MAX_PAIRS
+        inc = class_incumbent(s, E, nbytes, budget_rows, lo, hi, k_lo, cnt_hi,
+                              time_limit=time_limit if big else time_limit / 4, target_gap=gap,
+                              rounds=1000 if big else 30)
+        if inc is not None and (big or _rel_gap(-inc[2], -inc[1]) <= gap):
+            g = _rel_gap(-inc[2], -inc[1])
+            return inc[0], ("optimal" if g <= gap else "time_limit"), g, "milp", "flow_lagrange"
+    time_limit -= time.perf_counter() - t0
     ci, ki = np.nonzero(E)
     n = ci.size
-    if n == 0:
-        return np.zeros((C, K), bool), "optimal", 0.0, "lp"
     j = np.arange(n)
     rows = []
     need = (k_lo > 0) | (cnt_hi < E.sum(axis=1))
@@ -111,11 +150,31 @@ def solve_stage(s, E, nbytes, memory, tpe, slack, lo, hi, k_lo, k_hi, *, force_m
     top = float(np.abs(obj).max())
     obj = obj / top if top > 0 else obj  # HiGHS minimises; costs scaled to max |c| = 1
     xv, state, mgap, method = _solve_program(obj, rows, force_milp, time_limit, gap)
-    if xv is None:
-        return None, state, None, method
-    x = np.zeros((C, K), bool)
-    x[ci, ki] = xv > 0.5
-    return x, state, mgap, method
+    engine = "highs_lp" if method == "lp" else "highs_milp"
+    x = None
+    if xv is not None:
+        x = np.zeros((C, K), bool)
+        x[ci, ki] = xv > 0.5
+    if inc is None:
+        return x, state, mgap, method, engine
+    return _better_of(s, x, state, mgap, inc, gap)
+
+
+def _better_of(s, x, state, mgap, inc, gap):
+    """The better of HiGHS's answer and the primal-dual incumbent, with the gap between
+    it and the tighter of their upper bounds (scores are maximised)."""
+    x_inc, v_inc, bound = inc
+    if x is not None and mgap is not None:
+        v = float((s * x).sum())
+        bound = min(bound, v + mgap * abs(v))  # HiGHS's bound, in score units
+    if x is not None and float((s * x).sum()) >= v_inc:
+        best, engine = x, "highs_milp"
+    else:
+        best, engine = x_inc, "flow_lagrange"
+    if x is not None and state == "optimal" and mgap is not None and mgap <= gap and engine == "highs_milp":
+        return best, "optimal", mgap, "milp", engine
+    g = _rel_gap(-bound, -float((s * best).sum()))
+    return best, ("optimal" if g <= gap else "time_limit"), g, "milp", engine
 
 
 def _solve_program(obj, rows, force_milp, time_limit, gap):

@@ -1,4 +1,5 @@
-"""Expert assignment: the exact optimisation of docs/architecture.md#assignment, plus the baselines' helpers.
+"""Expert assignment: the exact optimisation (docs/architecture.md#assignment), plus the
+baselines' helpers.
 
 :func:`assign_experts` maximises ``sum score[c, k] x[c, k]`` over binary ``x`` subject to
 
@@ -8,17 +9,21 @@
 - count: ``sum_k x[c, k] >= 1`` for each client that can hold one expert within memory
   and deadline (``min_one``), or ``== k_fixed[c]`` when given.
 
-It is solved with HiGHS through :func:`scipy.optimize.milp` on sparse matrices holding
-only the eligible pairs (an expert that alone breaks a client's memory or deadline is not
-a variable). For a client whose eligible experts all have the same bytes and the same
-time, memory and deadline reduce to a cap on how many it holds (a per-expert time
+Only the eligible pairs are variables (an expert that alone breaks a client's memory or
+deadline is not). For a client whose eligible experts all have the same bytes and the
+same time, memory and deadline reduce to a cap on how many it holds (a per-expert time
 proportional to bytes, the transfer-only time model, also folds the deadline into the
-byte budget). When every client reduces so, the constraint matrix is a bipartite
-degree-bound system (totally unimodular) and the LP relaxation, always solved first, has
-an integral vertex optimum: no branching. Otherwise (experts of different sizes) the
-problem is a MILP: a quick incumbent restricted to the LP support is tried, then the full
-MILP within the time limit. Solutions are checked and repaired to satisfy memory exactly
-(and the deadline up to 1e-9 relative), guarding against solver tolerances.
+byte budget). When every client reduces so, the problem is a bipartite b-matching
+(totally unimodular): it is solved exactly as a min-cost flow (:mod:`._flow`, OR-Tools;
+large cohorts on pruned arcs with an optimality certificate), or by HiGHS's LP
+relaxation, whose vertex optimum is integral, with ``method="highs"``. Otherwise
+(experts of different sizes, or times that differ by expert within a client) it is a
+MILP: a primal-dual loop (:mod:`._mixed_flow`: Lagrangian bound, class-capped flows)
+gives an incumbent with a proven gap, and HiGHS (:func:`scipy.optimize.milp`, LP first)
+runs in the remaining time unless the loop already met ``mip_rel_gap``; the better
+solution and the tighter bound are kept. Solutions are checked and repaired to satisfy
+memory exactly (and the deadline up to 1e-9 relative), guarding against solver
+tolerances.
 
 Infeasibility degrades gracefully and never raises. Relaxations, in order, each tried
 only if the previous problem was infeasible:
@@ -38,14 +43,12 @@ ignored) is returned with status ``"fallback"``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._milp import max_count_fitting, solve_stage
-from .load import coverage_bounds
 
 __all__ = [
     "AssignmentResult",
@@ -58,6 +61,7 @@ __all__ = [
 ]
 
 _INF_SCORE = 1.0e6  # stands for +-inf scores
+_METHODS = ("auto", "highs", "milp", "greedy")
 
 
 @dataclass
@@ -71,11 +75,15 @@ class AssignmentResult:
             ``"empty"`` (no clients or no experts).
         solve_time_s: wall time of the whole call.
         objective: ``sum score * x`` with the cleaned score (NaN -> 0).
-        mip_gap: relative MILP gap reported by HiGHS; 0.0 for the LP path; ``None`` for
+        mip_gap: proven relative gap to the optimum (the tighter of HiGHS's bound and the
+            mixed-size loop's Lagrangian bound); 0.0 for the exact paths; ``None`` for
             greedy.
         relaxed: what was relaxed, in order, e.g. ``["balance_lo_clipped", "balance_lo"]``.
-        method: ``"lp"``, ``"milp"`` or ``"greedy"`` (``"none"`` when built by a caller,
-            e.g. the random/full baselines).
+        method: ``"lp"`` (the LP relaxation is integral: exact without branching),
+            ``"milp"`` or ``"greedy"`` (``"none"`` when built by a caller, e.g. the
+            random/full baselines).
+        engine: the code that found ``x``: ``"flow"`` (min-cost flow), ``"highs_lp"``,
+            ``"highs_milp"``, ``"greedy"``, or ``"none"`` (nothing to solve).
     """
 
     x: np.ndarray
@@ -85,12 +93,15 @@ class AssignmentResult:
     mip_gap: float | None
     relaxed: list[str] = field(default_factory=list)
     method: str = "none"
+    engine: str = "none"
 
 
 def _clean_score(score: np.ndarray) -> np.ndarray:
     """NaN -> 0; +-inf -> +-(1e6 or twice the largest finite magnitude)."""
     s = np.asarray(score, dtype=np.float64)
     finite = np.isfinite(s)
+    if finite.all():
+        return s
     big = max(_INF_SCORE, 2.0 * float(np.abs(s[finite]).max(initial=0.0)))
     return np.where(np.isnan(s), 0.0, np.clip(np.where(finite, s, np.sign(s) * big), -big, big))
 
@@ -154,13 +165,17 @@ def assign_experts(
         k_fixed: ``[C]`` exact experts per client (flex baseline); capped at what fits the
             client's memory (noted as ``"k_fixed_capped"``); it overrides ``min_one``.
         min_one: each client that can hold an expert gets at least one.
-        method: ``"auto"`` (LP relaxation first, MILP only if its optimum is
-            fractional), ``"milp"`` (straight to the MILP) or ``"greedy"`` (no solver;
-            balance ignored).
-        time_limit_s: HiGHS time limit for the whole call.
-        mip_rel_gap: relative MILP gap at which HiGHS stops.
+        method: ``"auto"`` (min-cost flow when every client reduces to a count cap,
+            else the LP relaxation first and the MILP only if its optimum is fractional),
+            ``"highs"`` (as ``"auto"`` but HiGHS only, no flow), ``"milp"`` (straight to
+            the MILP) or ``"greedy"`` (no solver; balance ignored).
+        time_limit_s: time limit for the whole call (the mixed-size loop and HiGHS; the
+            flow has none: it is exact and fast).
+        mip_rel_gap: relative gap at which the MILP search (loop or HiGHS) stops.
     """
     t0 = time.perf_counter()
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     s = _clean_score(score)
     if s.ndim != 2:
         raise ValueError(f"score must be [C, K], got shape {s.shape}")
@@ -211,7 +226,7 @@ def assign_experts(
     if deadline is not None:
         stages.append(("deadline", None, None, False))
 
-    x, state, gap, used = None, "error", None, "greedy"
+    x, state, gap, used, engine = None, "error", None, "greedy", "greedy"
     if method != "greedy":
         for name, lo_s, hi_s, dl in stages:
             if name is not None:
@@ -219,10 +234,11 @@ def assign_experts(
             Ecur = E if dl else E_mem
             k_lo, k_hi = counts(Ecur)
             remaining = time_limit_s - (time.perf_counter() - t0)
-            x, state, gap, used = solve_stage(
+            x, state, gap, used, engine = solve_stage(
                 s, Ecur, nbytes, mem, tpe if dl else None, slack if dl else None,
                 lo_s, hi_s, k_lo, k_hi,
                 force_milp=(method == "milp"), time_limit=remaining, gap=mip_rel_gap,
+                use_flow=(method == "auto"),
             )
             if x is not None or state == "error" or remaining <= 0:
                 break
@@ -231,7 +247,7 @@ def assign_experts(
         Ecur = E if deadline is not None else E_mem
         k_lo, k_hi = counts(Ecur)
         x = _greedy(s, Ecur, nbytes, mem, tpe, slack, k_lo, k_hi)
-        state, gap, used = "fallback", None, "greedy"
+        state, gap, used, engine = "fallback", None, "greedy", "greedy"
         dl_final = deadline is not None
     x = _repair(x, s, np.broadcast_to(nbytes, (C, K)), mem)
     if dl_final:
@@ -246,7 +262,7 @@ def assign_experts(
         status = state
     return AssignmentResult(
         x=x, status=status, solve_time_s=time.perf_counter() - t0,
-        objective=float((s * x).sum()), mip_gap=gap, relaxed=relaxed, method=used,
+        objective=float((s * x).sum()), mip_gap=gap, relaxed=relaxed, method=used, engine=engine,
     )
 
 
@@ -293,55 +309,16 @@ def assign_full(num_clients: int, num_experts: int) -> np.ndarray:
     return np.ones((num_clients, num_experts), dtype=bool)
 
 
-def bench_solver(C: int = 1000, K: int = 64, seed: int = 0, *, uniform_bytes: bool = True,
-                 band: float = 0.0, method: str = "auto", time_limit_s: float = 10.0) -> AssignmentResult:
-    """Solve one synthetic cohort with memory, deadline and balance; returns the result.
+def __getattr__(name: str):
+    """``bench_solver`` lives in :mod:`.assign_bench` (off the solver's import path)."""
+    if name == "bench_solver":
+        from .assign_bench import bench_solver
 
-    Memory tiers hold 2/4/8/16/all experts; bandwidths are log-uniform 0.2-20 MB/s and the
-    per-expert time is its transfer (so the 120 s deadline caps slow clients at a few
-    experts); balance is ``coverage_bounds`` with ``band`` around the mean of the
-    per-client count caps; scores are Dirichlet(0.3) routing-like shares.
-    ``uniform_bytes=False`` makes half the experts half as large: memory and deadline
-    become knapsack rows and the problem a MILP.
-    """
-    rng = np.random.default_rng(seed)
-    nbytes = np.full(K, 4.0e6)
-    if not uniform_bytes:
-        nbytes[K // 2:] = 2.0e6
-    tiers = np.array([2, 4, 8, 16, K])
-    memory = rng.choice(tiers, size=C) * nbytes.max()
-    bw = np.exp(rng.uniform(np.log(2e5), np.log(2e7), size=C))
-    tpe = 2.0 * nbytes[None, :] / bw[:, None]
-    time_fixed = rng.uniform(5.0, 30.0, size=C)
-    deadline = 120.0
-    cap_mem = capacity_in_experts(memory, nbytes)
-    cap_dl = np.floor(np.maximum(deadline - time_fixed, 0) / tpe.max(axis=1))
-    slots = int(np.minimum(cap_mem, cap_dl).sum())
-    lo, hi = coverage_bounds(slots, K, band)
-    score = rng.dirichlet(np.full(K, 0.3), size=C)
-    return assign_experts(score, nbytes, memory, time_fixed=time_fixed, time_per_expert=tpe,
-                          deadline=deadline, lo=lo, hi=hi, method=method, time_limit_s=time_limit_s)
+        return bench_solver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Benchmark the expert-assignment solver.")
-    p.add_argument("--bench", action="store_true", help="run the benchmark (the default action)")
-    p.add_argument("--C", type=int, default=1000)
-    p.add_argument("--K", type=int, default=64)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--nonuniform", action="store_true",
-                   help="also bench experts of two sizes (MILP path; seconds at C=1000)")
-    p.add_argument("--time-limit", type=float, default=10.0)
-    a = p.parse_args(argv)
-    for uniform in (True, False) if a.nonuniform else (True,):
-        for band in (0.0, 0.5):
-            for seed in range(a.seeds):
-                r = bench_solver(a.C, a.K, seed, uniform_bytes=uniform, band=band,
-                                 time_limit_s=a.time_limit)
-                print(f"C={a.C} K={a.K} uniform_bytes={uniform} band={band} seed={seed}: "
-                      f"{r.solve_time_s * 1e3:.0f} ms method={r.method} status={r.status} "
-                      f"gap={r.mip_gap} assigned={int(r.x.sum())} relaxed={r.relaxed}")
+if __name__ == "__main__":  # python -m fedmoe_flwr.core.assign --bench [--grid]
+    from .assign_bench import main
 
-
-if __name__ == "__main__":
-    _main()
+    main()

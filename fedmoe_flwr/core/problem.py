@@ -107,6 +107,7 @@ def assign_by_layer(problem: AssignmentProblem, solve, expert_keys: list[str]) -
     return AssignmentResult(
         x=x,
         status=",".join(sorted({r.status for r in results})),
+        engine=",".join(sorted({r.engine for r in results})),
         solve_time_s=sum(r.solve_time_s for r in results),
         objective=sum(r.objective for r in results),
         mip_gap=max((r.mip_gap for r in results if r.mip_gap is not None), default=None),
