@@ -255,36 +255,50 @@ class ExpertStrategy(Strategy):
             if self.probe:
                 content[P.ARRAYS] = ArrayRecord({n: arrays[n] for n in self.layout.param_names([])})
             msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-            for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
-                self._register(reply)
+            self._register(grid.send_and_receive(msgs, timeout=self.query_timeout))
         known = [n for n in nodes if n in self.node_clients]
         return sorted(known, key=lambda n: self.node_clients[n])
 
-    def _register(self, reply: Message) -> None:
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "node %s did not answer the profile query", node_id)
+    def _register(self, replies: Iterable[Message]) -> None:
+        """Profiles (and probe histograms) of QUERY replies into the state, all in one step.
+
+        One ``ensure_clients`` and one fitness update for the whole batch: one call per
+        reply copied the known-client arrays each time (O(new x known) at start-up).
+        """
+        declared: dict[str, core.ClientProfile] = {}
+        probes: dict[str, tuple] = {}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %s did not answer the profile query", node_id)
+                continue
+            try:
+                prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
+            except P.ProtocolError as ex:
+                log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
+                continue
+            self.node_clients[node_id] = prof.client_id
+            declared[prof.client_id] = core.ClientProfile(
+                memory_bytes=math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes,
+                compute_tier=prof.tier or None,
+                declared_samples_per_s=prof.samples_per_s,
+                declared_uplink_Bps=prof.uplink_Bps,
+                declared_downlink_Bps=prof.downlink_Bps,
+                declared_reliability=prof.reliability,
+            )
+            if prof.num_examples:
+                self.num_examples[prof.client_id] = prof.num_examples
+            if hist is not None:
+                probes.setdefault(prof.client_id, (hist, gate))  # the first histogram of a cold row counts
+        if not declared:
             return
-        try:
-            prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
-        except P.ProtocolError as ex:
-            log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
-            return
-        self.node_clients[node_id] = prof.client_id
-        declared = core.ClientProfile(
-            memory_bytes=math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes,
-            compute_tier=prof.tier or None,
-            declared_samples_per_s=prof.samples_per_s,
-            declared_uplink_Bps=prof.uplink_Bps,
-            declared_downlink_Bps=prof.downlink_Bps,
-            declared_reliability=prof.reliability,
-        )
-        self.state, row = core.ensure_client(self.state, prof.client_id, declared)
-        if prof.num_examples:
-            self.num_examples[prof.client_id] = prof.num_examples
-        if hist is not None and not self.state.fitness.seen[row]:
-            trained = np.zeros(len(self.expert_keys), bool)
-            self.state = core.observe_fitness(self.state, prof.client_id, hist, gate, None, trained, self.fitness)
+        self.state, _ = core.ensure_clients(self.state, list(declared), declared)
+        cold = [c for c in probes if not self.state.fitness.seen[self.state.client_index[c]]]
+        if cold:
+            no_expert = np.zeros(len(self.expert_keys), bool)
+            self.state = core.observe_fitness_batch(self.state, cold, [probes[c][0] for c in cold],
+                                                    [probes[c][1] for c in cold], [None] * len(cold),
+                                                    [no_expert] * len(cold), self.fitness)
 
     def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
         if len(nodes) < self.min_available_nodes:
