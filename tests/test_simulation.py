@@ -140,3 +140,14 @@ def test_worker_processes_keep_node_state_and_turn_failures_into_error_replies()
     assert parallel[1][1:5] == [2, 2, 2, 2], "context.state written in a worker comes back to the grid"
     assert parallel[1][0] == "ValueError: boom" and parallel[1][5] == "node 12345 is not connected"
     assert parallel == _two_batches(workers=1)
+
+
+def test_ray_backend_config_joins_the_configured_cluster_with_per_client_cpus():
+    from fedmoe_flwr.simulation import ray_backend_config
+
+    cfg = Config()
+    cfg.num_cpus_per_client = 2.0
+    own = ray_backend_config(cfg)
+    assert "address" not in own["init_args"] and own["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    cfg.ray_address = "10.0.0.5:6379"
+    assert ray_backend_config(cfg)["init_args"]["address"] == "10.0.0.5:6379"
