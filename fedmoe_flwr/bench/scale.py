@@ -16,7 +16,8 @@ log-uniform link speeds, Dirichlet routing histograms) is registered in one
 - ``apply``: :func:`~fedmoe_flwr.core.apply_round` on fabricated replies (validation,
   aggregation over a tiny model with ``K`` experts, profiles, fitness, load).
 
-Memory is the traced size (``tracemalloc``) of the state after registration and the peak
+Times are CPU seconds of this process (wall-clock swings with other jobs on a shared
+machine; every step is single-threaded). Memory is the traced size (``tracemalloc``) of the state after registration and the peak
 of one round on top of it, measured in a separate pass so the timings run untraced. A
 checkpoint of the state (:func:`fedmoe_flwr.checkpoint.save_checkpoint` of an
 ``AlignedStrategy`` holding it) is timed, loaded back and sized. Nothing is asserted.
@@ -37,6 +38,10 @@ import numpy as np
 from fedmoe_flwr import core
 from fedmoe_flwr.layout import ParamLayout, expert_key
 from fedmoe_flwr.seeding import rng_for, sample_cohort
+
+# CPU seconds of this process: on a shared machine wall-clock time swings with other jobs,
+# and every step here is single-threaded Python and numpy.
+clock = time.process_time
 
 EXPERT_BYTES = 4.0e6  # what the time model and capacities assume (the tensors are tiny)
 SHARED_BYTES = 2.0e6
@@ -108,8 +113,23 @@ class ServerRound:
         self.settings = core.RoundSettings()
         self.state = core.init_state(self.layout.expert_keys)
 
+    def probes(self) -> np.ndarray:
+        """Each client's routing histogram from its profile query."""
+        return rng_for(self.seed, "probe").dirichlet(np.full(len(self.layout.expert_keys), 0.3), size=len(self.ids))
+
     def register(self) -> None:
+        """Profiles and probe histograms of every client, in one step (what the strategy does)."""
+        hists, none = self.probes(), np.zeros(len(self.layout.expert_keys), bool)
         self.state, _ = core.ensure_clients(self.state, self.ids, self.declared)
+        self.state = core.observe_fitness_batch(self.state, self.ids, list(hists), list(hists), [None] * len(self.ids),
+                                                [none] * len(self.ids), self.settings.fitness)
+
+    def register_one_by_one(self) -> None:
+        """The same, one client at a time (the strategy's former path, for comparison)."""
+        hists, none = self.probes(), np.zeros(len(self.layout.expert_keys), bool)
+        for cid, h in zip(self.ids, hists):
+            self.state, _ = core.ensure_client(self.state, cid, self.declared[cid])
+            self.state = core.observe_fitness(self.state, cid, h, h, None, none, self.settings.fitness)
 
     def _problem(self, rnd: int, ids: list[str]) -> core.AssignmentProblem:
         return core.build_problem(self.state, ids, rnd=rnd, expert_bytes=self.expert_bytes, shared_bytes=SHARED_BYTES,
@@ -118,28 +138,28 @@ class ServerRound:
 
     def round(self, rnd: int) -> dict[str, float]:
         t = {}
-        t0 = time.perf_counter()
+        t0 = clock()
         everyone = self._problem(rnd, self.ids)
         ok = (everyone.fastest_time() <= DEADLINE_S) & (everyone.max_experts > 0)
         eligible = [c for c, keep in zip(self.ids, ok) if keep]
-        t["eligible"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t["eligible"] = clock() - t0
+        t0 = clock()
         ids = sample_cohort(eligible, self.seed, "train", rnd, self.cohort / max(len(eligible), 1), 1)
-        t["sample"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t["sample"] = clock() - t0
+        t0 = clock()
         problem = self._problem(rnd, ids)
-        t["problem"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t["problem"] = clock() - t0
+        t0 = clock()
         score = core.solver_score(self.state.fitness, problem.rows, self.state.load.price)
         lo, hi = core.coverage_bounds(int(problem.max_experts.sum()), len(problem.cols))
         res = core.assign_experts(score, problem.expert_bytes, problem.memory, time_fixed=problem.time_fixed,
                                   time_per_expert=problem.time_per_expert, deadline=DEADLINE_S, lo=lo, hi=hi)
-        t["solve"] = time.perf_counter() - t0
+        t["solve"] = clock() - t0
         speed = {c: self.declared[c].declared_samples_per_s for c in ids}
         inputs = fabricate_replies(rnd, ids, res.x, self.layout, self.params, self.examples, speed, self.seed)
-        t0 = time.perf_counter()
+        t0 = clock()
         self.state, new_params, _ = core.apply_round(self.state, self.params, self.layout, inputs, self.settings)
-        t["apply"] = time.perf_counter() - t0
+        t["apply"] = clock() - t0
         self.params = new_params or self.params
         t["server_excl_solve"] = t["eligible"] + t["sample"] + t["problem"] + t["apply"]
         return t
@@ -154,22 +174,31 @@ def checkpoint_figures(server: ServerRound) -> dict[str, float]:
     strategy.state = server.state
     strategy.num_examples = dict(server.examples)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, w0 = clock(), time.perf_counter()
         path = save_checkpoint(tmp, server.state.round, server.params, strategy, metrics=[], keep=1)
-        save_s = time.perf_counter() - t0
+        save_s, save_wall_s = clock() - t0, time.perf_counter() - w0
         size = sum(f.stat().st_size for f in Path(path).iterdir())
-        t0 = time.perf_counter()
+        t0, w0 = clock(), time.perf_counter()
         ck = load_checkpoint(path)
         AlignedStrategy(server.layout).load_state_dict(ck.strategy_state)
-        load_s = time.perf_counter() - t0
-    return {"save_s": save_s, "load_s": load_s, "bytes": float(size)}
+        load_s, load_wall_s = clock() - t0, time.perf_counter() - w0
+    return {"save_s": save_s, "load_s": load_s, "save_wall_s": save_wall_s, "load_wall_s": load_wall_s,
+            "bytes": float(size)}
 
 
-def measure(num_clients: int, num_experts: int, cohort: int, rounds: int, seed: int = 0) -> dict:
+def measure(num_clients: int, num_experts: int, cohort: int, rounds: int, seed: int = 0,
+            one_by_one_max: int = 10000) -> dict:
+    one_by_one_s = None
+    if num_clients <= one_by_one_max:
+        slow = ServerRound(num_clients, num_experts, cohort, seed)
+        t0 = clock()
+        slow.register_one_by_one()
+        one_by_one_s = clock() - t0
     server = ServerRound(num_clients, num_experts, cohort, seed)
-    t0 = time.perf_counter()
+    t0 = clock()
     server.register()
-    register_s = time.perf_counter() - t0
+    register_s = clock() - t0
+    same = None if one_by_one_s is None else bool(np.array_equal(slow.state.fitness.Q, server.state.fitness.Q))
     per_round = [server.round(r) for r in range(1, rounds + 1)]
     mean = {k: float(np.mean([t[k] for t in per_round])) for k in per_round[0]}
     # memory: a fresh fleet, traced (tracing slows allocation, so this pass is not timed)
@@ -182,22 +211,26 @@ def measure(num_clients: int, num_experts: int, cohort: int, rounds: int, seed: 
     round_peak = tracemalloc.get_traced_memory()[1] - state_bytes
     tracemalloc.stop()
     return {"clients": num_clients, "experts": num_experts, "cohort": cohort, "rounds": rounds,
-            "register_s": register_s, "round_s": mean, "state_bytes": float(state_bytes),
+            "register_s": register_s, "register_one_by_one_s": one_by_one_s,
+            "one_by_one_same_fitness": same, "round_s": mean, "state_bytes": float(state_bytes),
             "round_peak_bytes": float(round_peak), "checkpoint": checkpoint_figures(server)}
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'clients':>8} {'register':>9} {'eligible':>9} {'sample':>7} {'problem':>8} {'apply':>7} "
+    head = (f"{'clients':>8} {'register':>9} {'1-by-1':>8} {'eligible':>9} {'sample':>7} {'problem':>8} {'apply':>7} "
             f"{'server*':>8} {'solve':>7} {'state MB':>9} {'peak MB':>8} {'ckpt save':>9} {'ckpt load':>9} {'ckpt MB':>8}")
     print(head)
     for r in rows:
         t, ck = r["round_s"], r["checkpoint"]
-        print(f"{r['clients']:>8} {r['register_s']:>8.2f}s {t['eligible'] * 1e3:>7.0f}ms {t['sample'] * 1e3:>5.1f}ms "
+        one = "-" if r["register_one_by_one_s"] is None else f"{r['register_one_by_one_s']:.2f}s"
+        print(f"{r['clients']:>8} {r['register_s']:>8.2f}s {one:>8} {t['eligible'] * 1e3:>7.0f}ms {t['sample'] * 1e3:>5.1f}ms "
               f"{t['problem'] * 1e3:>6.0f}ms {t['apply'] * 1e3:>5.0f}ms {t['server_excl_solve'] * 1e3:>6.0f}ms "
               f"{t['solve'] * 1e3:>5.0f}ms {r['state_bytes'] / 1e6:>9.1f} {r['round_peak_bytes'] / 1e6:>8.1f} "
               f"{ck['save_s']:>8.2f}s {ck['load_s']:>8.2f}s {ck['bytes'] / 1e6:>8.1f}")
-    print("per round, means; server* = eligible + sample + problem + apply (the solver apart); "
-          "state = traced bytes after registration; peak = extra traced bytes during one round")
+    print("CPU seconds; register = profiles and probe histograms of every client in one step, 1-by-1 = the "
+          "same one client at a time (the former strategy path); per round means; server* = eligible + sample + problem + apply (the solver apart); "
+          "state = traced bytes after registration; peak = extra traced bytes during one round; "
+          "checkpoint save/load CPU (wall in the JSON)")
 
 
 def main(argv=None) -> None:
@@ -206,11 +239,14 @@ def main(argv=None) -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--cohort", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--one-by-one-max", type=int, default=10000,
+                   help="also time one-at-a-time registration up to this many clients (it is quadratic)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args(argv)
+    measure(200, a.experts, 100, 1)  # warm-up: imports and first-call costs out of the figures
     rows = []
     for n in a.clients:
-        rows.append(measure(n, a.experts, min(a.cohort, n), a.rounds))
+        rows.append(measure(n, a.experts, min(a.cohort, n), a.rounds, one_by_one_max=a.one_by_one_max))
         print(f"measured {n} clients", flush=True)
     print_table(rows)
     if a.out:

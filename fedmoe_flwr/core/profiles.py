@@ -12,7 +12,7 @@ Everything here is pure: :func:`update_profile` returns a new profile.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
 import numpy as np
@@ -71,7 +71,9 @@ class ClientProfile:
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (``inf`` memory is written as ``None``)."""
-        d = asdict(self)
+        # Every field is a scalar: a plain read gives asdict()'s result without its deep
+        # copies, which were most of a 100,000-client checkpoint's time.
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
         if math.isinf(d["memory_bytes"]):
             d["memory_bytes"] = None
         return d
@@ -82,6 +84,9 @@ class ClientProfile:
         d = dict(d)
         d["memory_bytes"] = math.inf if d.get("memory_bytes") is None else d["memory_bytes"]
         return cls(**d)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(ClientProfile))
 
 
 def _first(*values: float | None) -> float:
