@@ -103,3 +103,34 @@ def test_layout_expert_keys_are_a_fresh_list_in_layer_order():
     assert keys == [f"L0.E{k}" for k in range(12)]
     keys.append("L9.E9")
     assert layout.expert_keys == [f"L0.E{k}" for k in range(12)], "a caller's edit does not reach the layout"
+
+
+def test_the_fitness_arrays_travel_as_tensors_and_come_back_exact_even_through_lists():
+    import json
+
+    server = ServerRound(50, 8, 10)
+    server.register()
+    server.round(1)
+    d, arrays = core.state_to_dict(server.state)
+    assert {"fitness/Q", "fitness/n", "fitness/seen"} <= set(arrays) and "Q" not in d["fitness"]
+    as_lists = json.loads(json.dumps({k: v.tolist() for k, v in arrays.items()}))  # ExpertStrategy.state_dict's form
+    back = core.state_from_dict(json.loads(json.dumps(d)), {k: np.asarray(v) for k, v in as_lists.items()})
+    for name in ("Q", "n", "seen"):
+        a, b = getattr(back.fitness, name), getattr(server.state.fitness, name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    empty = core.init_state(["L0.E0", "L0.E1"])
+    d0, a0 = core.state_to_dict(empty)
+    assert core.state_from_dict(d0, {k: np.asarray(v.tolist()) for k, v in a0.items()}).fitness.Q.shape == (0, 2)
+    bad = {**arrays, "fitness/n": arrays["fitness/n"].astype(np.float64)}
+    with np.testing.assert_raises(ValueError):
+        core.state_from_dict(d, bad)
+
+
+def test_a_schema_1_state_with_json_fitness_still_loads():
+    state, _ = core.ensure_clients(core.init_state(["L0.E0", "L0.E1"]), ["a", "b"])
+    d, arrays = core.state_to_dict(state)
+    f = state.fitness
+    d1 = {**d, "schema": 1, "fitness": {**d["fitness"], **{k: {"dtype": str(getattr(f, k).dtype),
+          "shape": list(getattr(f, k).shape), "data": getattr(f, k).ravel().tolist()} for k in ("Q", "n", "seen")}}}
+    back = core.state_from_dict(d1, {})
+    assert np.array_equal(back.fitness.Q, f.Q) and back.fitness.n.dtype == np.int64 and back.client_index == {"a": 0, "b": 1}
