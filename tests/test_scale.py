@@ -134,3 +134,11 @@ def test_a_schema_1_state_with_json_fitness_still_loads():
           "shape": list(getattr(f, k).shape), "data": getattr(f, k).ravel().tolist()} for k in ("Q", "n", "seen")}}}
     back = core.state_from_dict(d1, {})
     assert np.array_equal(back.fitness.Q, f.Q) and back.fitness.n.dtype == np.int64 and back.client_index == {"a": 0, "b": 1}
+
+
+def test_the_aligned_strategy_registers_a_fleet_in_one_step_and_aggregates_whole_cohorts():
+    from fedmoe_flwr.bench.scale_strategy import measure
+
+    r = measure(num_clients=60, num_experts=8, cohort=20, rounds=2)
+    assert r["messages_sent"] == 60 + 2 * 20, "one profile query per node, then the cohorts"
+    assert r["aggregated_last_round"] == 20
