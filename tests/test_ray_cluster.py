@@ -7,6 +7,7 @@ by its own process ids (never ``ray stop``, which would stop every Ray of the us
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,6 +90,7 @@ def ray_head(num_cpus: int):
     finally:
         _stop(head, temp_dir)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # its session logs and sockets
 
 
 def _job_ids(temp_dir: str) -> list[str]:
