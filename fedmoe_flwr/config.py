@@ -159,7 +159,9 @@ class Config:
     num_rounds: int = 10
     eval_every: int = 1
     backend: Backend = Backend.local
-    num_cpus_per_client: float = 1.0
+    num_cpus_per_client: float = 1.0  # ray backend: CPUs Ray reserves per virtual client
+    num_workers: int = 1  # local backend: ClientApp calls in parallel on this many processes (same results)
+    ray_address: str = ""  # ray backend: join this running Ray cluster ("auto", "host:port"); "" = start one
     quiet: bool = False  # no progress display
     verbose: bool = False  # keep Flower's per-round INFO log
     targets: list[float] = field(default_factory=list)

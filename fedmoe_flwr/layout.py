@@ -56,8 +56,14 @@ class ParamLayout:
 
     @property
     def expert_keys(self) -> list[str]:
-        """All expert keys in (layer, index) order."""
-        return sorted(self.expert_params, key=parse_expert_key)
+        """All expert keys in (layer, index) order (a fresh list; the sort is done once)."""
+        return list(self._sorted_expert_keys)
+
+    @cached_property
+    def _sorted_expert_keys(self) -> tuple[str, ...]:
+        # Read per reply and per client in a round: sorting (with a regex per key) each
+        # time cost ~65 us per call at 64 experts, most of a 1,000-client round's checks.
+        return tuple(sorted(self.expert_params, key=parse_expert_key))
 
     def expert_nbytes(self, key: str) -> int:
         """Bytes of one expert's tensors (what moves on the wire for it)."""

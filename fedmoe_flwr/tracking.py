@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from fedmoe_flwr.outputs import append_jsonl
 
 METRICS_JSONL = "metrics.jsonl"
@@ -215,6 +217,10 @@ def make_loggers(names: Iterable[str], out_dir: str | os.PathLike, *, rows: Iter
 # ---------------------------------------------------------------------------- details.jsonl
 FITNESS_CELLS_EVERY_ROUND = 5000
 """Fitness matrices up to this many cells go into every details row; larger ones every 10th."""
+FITNESS_MAX_CLIENTS = 1000
+"""Rows of the fitness matrix a details row holds at most: larger fleets give an evenly spaced
+sample of clients (the report draws 40). Every row is kept in memory and in every checkpoint,
+so a whole 100,000 x 64 matrix every 10th round would grow them by ~60 MB each time."""
 
 
 def round_details(last, state, server_round: int, *, final: bool = False, tiers_known: dict | None = None) -> dict:
@@ -227,7 +233,8 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     ``rejected`` (client id -> reason), ``expert_clients`` and ``expert_tokens`` (per expert,
     this round's aggregated updates), ``tiers`` (client id -> device tier, on the first row
     and whenever it changed since ``tiers_known``), ``fitness`` (``clients`` in row order and
-    ``Q`` rounded to 5 decimals; every round for small fleets, else every 10th and the final).
+    ``Q`` rounded to 5 decimals; every round for small fleets, else every 10th and the final;
+    at most :data:`FITNESS_MAX_CLIENTS` clients, evenly spaced in row order).
     """
     row: dict[str, Any] = {"round": int(server_round)}
     if state is None:
@@ -244,6 +251,8 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     q = state.fitness.Q
     if q.size and (final or q.size <= FITNESS_CELLS_EVERY_ROUND or server_round % 10 == 0):
         order = sorted(state.client_index, key=state.client_index.get)
+        if len(order) > FITNESS_MAX_CLIENTS:
+            order = [order[int(i)] for i in np.linspace(0, len(order) - 1, FITNESS_MAX_CLIENTS).round()]
         row["fitness"] = {
             "clients": order,
             "Q": [[_clean(round(float(v), 5)) for v in q[state.client_index[c]]] for c in order],

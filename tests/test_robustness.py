@@ -116,7 +116,7 @@ def test_a_second_node_claiming_a_connected_clients_id_is_refused():
     claim = Message(RecordDict({P.PROFILE: P.NodeProfile(victim, expert_memory_bytes=0).encode()}),
                     reply_to=_with_id(Message(RecordDict(), dst_node_id=999, message_type=MessageType.QUERY)))
     claim.metadata.__dict__["_src_node_id"] = 999
-    strat._register(claim, live=set(strat.node_clients) | {999})
+    strat._register([claim], live=set(strat.node_clients) | {999})
     assert 999 not in strat.node_clients and strat.node_clients[victim_node] == victim
     assert strat.state.profiles[victim] == before
 
@@ -212,7 +212,7 @@ def test_fuzzed_replies_never_escape_the_hooks_and_nothing_invalid_is_aggregated
         r.content[P.METRICS] = MetricRecord({P.NUM_EXAMPLES: value if isinstance(value, (int, float)) else -1, "accuracy": 0.5})
     strat.aggregate_evaluate(1, evaluated)
     for r in evaluated:  # and a QUERY reply
-        strat._register(r, live=set())
+        strat._register([r], live=set())
 
 
 @pytest.mark.parametrize("profile", [
@@ -223,7 +223,7 @@ def test_a_malformed_query_reply_is_refused_not_raised(profile):
     strat = build_setup("aligned")[3]
     reply = Message(RecordDict({P.PROFILE: ConfigRecord(profile)}),
                     reply_to=_with_id(Message(RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)))
-    strat._register(reply, live=set())
+    strat._register([reply], live=set())
     assert not strat.node_clients
 
 

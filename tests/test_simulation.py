@@ -81,3 +81,73 @@ def test_run_py_writes_outputs_and_rejects_bad_keys(tmp_path):
     assert bad.returncode != 0 and "nme" in bad.stderr
     bad = subprocess.run(cmd[:2] + ["strategy=bogus"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "aligned" in bad.stderr
+
+
+def _model(out: Path) -> dict:
+    import torch
+
+    return torch.load(out / "model.pt")
+
+
+def test_parallel_workers_give_the_sequential_metrics_and_final_model(tmp_path):
+    cfg = integration_config(Backend.local)
+    cfg.num_rounds = 2
+    cfg.save_model = True
+    run(cfg, tmp_path / "sequential")
+    cfg.num_workers = 2
+    run(cfg, tmp_path / "parallel")
+    assert _metrics(tmp_path / "parallel") == _metrics(tmp_path / "sequential")
+    seq, par = _model(tmp_path / "sequential"), _model(tmp_path / "parallel")
+    assert list(par) == list(seq)
+    assert all(par[k].equal(seq[k]) for k in seq), "bit-identical final model"
+
+
+def _counting_app():
+    """A ClientApp that counts its calls in ``context.state`` and fails on partition 0."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        calls = context.state.config_records.get("calls", ConfigRecord({"n": 0}))["n"] + 1
+        context.state["calls"] = ConfigRecord({"n": calls})
+        if context.node_config["partition-id"] == 0:
+            raise ValueError("boom")
+        return Message(RecordDict({"metrics": MetricRecord({"calls": calls})}), reply_to=msg)
+
+    return app
+
+
+def _two_batches(workers: int) -> list:
+    from flwr.app import Message, MessageType, RecordDict
+
+    from fedmoe_flwr.sim import LocalGrid
+
+    with LocalGrid(_counting_app(), 5, seed=3, workers=workers) as grid:
+        nodes = sorted(grid.get_node_ids(), key=lambda n: grid.node_context(n).node_config["partition-id"])
+        out = []
+        for _ in range(2):
+            msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes + [12345]]
+            out.append([r.error.reason.splitlines()[0] if r.has_error() else r.content["metrics"]["calls"]
+                        for r in grid.send_and_receive(msgs)])
+    return out
+
+
+def test_worker_processes_keep_node_state_and_turn_failures_into_error_replies():
+    parallel = _two_batches(workers=3)
+    assert parallel[1][1:5] == [2, 2, 2, 2], "context.state written in a worker comes back to the grid"
+    assert parallel[1][0] == "ValueError: boom" and parallel[1][5] == "node 12345 is not connected"
+    assert parallel == _two_batches(workers=1)
+
+
+def test_ray_backend_config_joins_the_configured_cluster_with_per_client_cpus():
+    from fedmoe_flwr.simulation import ray_backend_config
+
+    cfg = Config()
+    cfg.num_cpus_per_client = 2.0
+    own = ray_backend_config(cfg)
+    assert "address" not in own["init_args"] and own["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    cfg.ray_address = "10.0.0.5:6379"
+    assert ray_backend_config(cfg)["init_args"]["address"] == "10.0.0.5:6379"

@@ -181,3 +181,26 @@ def test_progress_quiet_prints_nothing_and_rich_bar_tracks_rounds(capsys):
             bar(r)
         task = bar._bar.tasks[0]
         assert task.completed == 3 and "9.0 MB" in task.fields["info"] and "acc 0.6000" in task.fields["info"]
+
+
+def test_details_hold_a_bounded_evenly_spaced_sample_of_a_large_fleets_fitness():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fedmoe_flwr.strategies import RoundLog
+    from fedmoe_flwr.tracking import FITNESS_MAX_CLIENTS, round_details
+
+    n = 3 * FITNESS_MAX_CLIENTS + 7
+    ids = [f"c{i:05d}" for i in range(n)]
+    q = np.arange(n * 2, dtype=float).reshape(n, 2) / (2 * n)
+    state = SimpleNamespace(
+        expert_keys=["L0.E0", "L0.E1"], client_index={c: i for i, c in enumerate(ids)},
+        load=SimpleNamespace(clients_last=np.zeros(2), tokens_last=np.zeros(2)),
+        fitness=SimpleNamespace(Q=q), profiles={c: SimpleNamespace(compute_tier="t") for c in ids})
+    fit = round_details(RoundLog(), state, 10)["fitness"]
+    assert len(fit["clients"]) == FITNESS_MAX_CLIENTS and fit["clients"][0] == ids[0] and fit["clients"][-1] == ids[-1]
+    rows = [int(c[1:]) for c in fit["clients"]]
+    assert rows == sorted(set(rows)), "distinct clients in row order"
+    assert fit["Q"][1] == [round(v, 5) for v in q[rows[1]].tolist()]
+    assert "fitness" not in round_details(RoundLog(), state, 11), "large fleets: every 10th round"

@@ -29,7 +29,7 @@ log = logging.getLogger("fedmoe_flwr")
 # Config keys that do not change what the rounds compute: they may differ on resume.
 RUN_CONTROL_KEYS = (
     "resume", "quiet", "verbose", "report", "loggers", "checkpoint_every", "checkpoint_keep",
-    "num_rounds", "backend", "num_cpus_per_client", "save_model", "targets",
+    "num_rounds", "backend", "num_cpus_per_client", "num_workers", "ray_address", "save_model", "targets",
 )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..layout import parse_expert_key
 from .assign import AssignmentResult, capacity_in_experts
-from .profiles import expert_time_costs
+from .profiles import cohort_time_costs
 from .state import AlignmentState
 
 
@@ -63,13 +63,13 @@ def build_problem(state: AlignmentState, client_ids: list[str], *, rnd: int, exp
                   shared_bytes: float, num_examples: dict[str, int], local_epochs: int,
                   deadline: float | None, rng: np.random.Generator) -> AssignmentProblem:
     """The assignment problem of a cohort: capacities from the profiles, the linear time model
-    of :func:`~fedmoe_flwr.core.profiles.expert_time_costs`."""
+    of :func:`~fedmoe_flwr.core.profiles.expert_time_costs` (vectorised)."""
     profiles = [state.profiles[c] for c in client_ids]
     memory = np.array([p.memory_bytes for p in profiles], dtype=np.float64)
-    costs = [expert_time_costs(p, expert_bytes, shared_bytes, num_examples.get(c, 0), local_epochs)
-             for p, c in zip(profiles, client_ids)]
-    measured = np.array([(p.samples_per_s is not None or p.declared_samples_per_s is not None) and num_examples.get(c, 0) > 0
-                         for p, c in zip(profiles, client_ids)], dtype=bool)
+    samples = np.array([num_examples.get(c, 0) for c in client_ids], dtype=np.float64)
+    time_fixed, time_per_expert = cohort_time_costs(profiles, expert_bytes, shared_bytes, samples, local_epochs)
+    measured = np.array([p.samples_per_s is not None or p.declared_samples_per_s is not None for p in profiles],
+                        dtype=bool) & (samples > 0)
     return AssignmentProblem(
         round=rnd,
         client_ids=list(client_ids),
@@ -77,8 +77,8 @@ def build_problem(state: AlignmentState, client_ids: list[str], *, rnd: int, exp
         memory=memory,
         expert_bytes=expert_bytes,
         max_experts=capacity_in_experts(memory, expert_bytes),
-        time_fixed=np.array([c[0] for c in costs], dtype=np.float64),
-        time_per_expert=np.array([c[1] for c in costs], dtype=np.float64).reshape(len(client_ids), -1),
+        time_fixed=time_fixed,
+        time_per_expert=time_per_expert,
         rng=rng,
         cols=np.arange(len(expert_bytes)),
         deadline=deadline,

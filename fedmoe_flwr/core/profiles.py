@@ -12,7 +12,7 @@ Everything here is pure: :func:`update_profile` returns a new profile.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Mapping
 
 import numpy as np
@@ -71,7 +71,9 @@ class ClientProfile:
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (``inf`` memory is written as ``None``)."""
-        d = asdict(self)
+        # Every field is a scalar: a plain read gives asdict()'s result without its deep
+        # copies, which were most of a 100,000-client checkpoint's time.
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
         if math.isinf(d["memory_bytes"]):
             d["memory_bytes"] = None
         return d
@@ -82,6 +84,9 @@ class ClientProfile:
         d = dict(d)
         d["memory_bytes"] = math.inf if d.get("memory_bytes") is None else d["memory_bytes"]
         return cls(**d)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(ClientProfile))
 
 
 def _first(*values: float | None) -> float:
@@ -194,3 +199,30 @@ def expert_time_costs(
     fixed_s = float(shared_bytes) / down + float(shared_bytes) / up + compute_s
     per_expert_s = expert_bytes / down + expert_bytes / up + expert_compute_frac * compute_s
     return fixed_s, per_expert_s
+
+
+def cohort_time_costs(
+    profiles: list[ClientProfile],
+    expert_bytes: np.ndarray,
+    shared_bytes: float,
+    num_samples: np.ndarray,
+    local_epochs: float = 1.0,
+    *,
+    expert_compute_frac: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expert_time_costs` of many clients at once: ``([C] fixed_s, [C, K] per_expert_s)``.
+
+    The same operations in the same order, element by element, so every value is
+    bit-identical to the one-client function; one numpy pass instead of a few numpy calls
+    per client (the server evaluates every known client's time model each round).
+    """
+    expert_bytes = np.asarray(expert_bytes, dtype=np.float64)
+    down = np.array([p.effective_downlink_Bps() for p in profiles], dtype=np.float64)
+    up = np.array([p.effective_uplink_Bps() for p in profiles], dtype=np.float64)
+    speed = np.array([p.effective_samples_per_s() for p in profiles], dtype=np.float64)
+    compute_s = np.asarray(num_samples, dtype=np.float64) * float(local_epochs) / speed
+    shared = float(shared_bytes)
+    fixed_s = shared / down + shared / up + compute_s
+    per_expert_s = (expert_bytes[None, :] / down[:, None] + expert_bytes[None, :] / up[:, None]
+                    + expert_compute_frac * compute_s[:, None])
+    return fixed_s, per_expert_s.reshape(len(profiles), len(expert_bytes))

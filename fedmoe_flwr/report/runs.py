@@ -14,7 +14,8 @@ STRATEGY_ORDER = ["aligned", "flex", "greedy", "random", "full", "dense"]
 _SKIP_DIRS = {"report", "checkpoints", "tensorboard", "mlruns", ".hydra"}
 # overrides that do not tell runs apart in a legend
 _NOT_DISTINGUISHING = {"seed", "strategy", "strategy.name", "quiet", "verbose", "report", "loggers", "resume",
-                       "checkpoint_every", "checkpoint_keep", "backend", "save_model", "num_cpus_per_client"}
+                       "checkpoint_every", "checkpoint_keep", "backend", "save_model", "num_cpus_per_client",
+                       "num_workers", "ray_address"}
 
 
 @dataclass

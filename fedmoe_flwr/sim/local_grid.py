@@ -1,27 +1,35 @@
-"""A Flower ``Grid`` that runs a ClientApp in this process, one message after another.
+"""A Flower ``Grid`` that runs a ClientApp in this process (or a pool of forked workers).
 
 Flower's Ray simulation costs 10-20 s to start and ~1 GiB; tests, benchmarks and sweeps of
 many short runs use this grid instead. It is only a transport: the round loop is still the
 strategy's ``start()``, the nodes are still ``ClientApp`` calls with their own ``Context``
 (``node_config`` with ``partition-id`` and ``num-partitions``, like Flower's simulation),
 and a ClientApp that raises becomes an error reply, as in Flower.
+
+By default messages are delivered one after another. ``workers=N`` (N > 1) delivers each
+batch of messages on ``N`` forked worker processes (:mod:`fedmoe_flwr.sim.workers`): the
+ClientApp and everything the parent loaded are inherited, each message and its node's
+``Context`` travel pickled and come back with the reply. Every random draw of a ClientApp
+call derives from ``(seed, round, client)`` and runs single-threaded, so the replies, and
+the whole run, are bit-identical to the sequential grid's.
 """
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Iterable
 from uuid import uuid4
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-CLIENT_APP_RAISED = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+from fedmoe_flwr.sim.workers import CLIENT_APP_RAISED, WorkerPool, call_client_app, not_connected
+
+__all__ = ["CLIENT_APP_RAISED", "LocalGrid"]
 
 
 class LocalGrid(Grid):
@@ -29,10 +37,17 @@ class LocalGrid(Grid):
 
     Node ids are random 63-bit integers drawn from ``seed`` (Flower's are random too, so
     code must never rely on their order or value). ``run_config`` is given to every node.
+    ``workers`` > 1 runs the ClientApp calls of a batch on that many worker processes
+    (module doc); :meth:`close` (or ``with LocalGrid(...)``) stops them.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_config: dict | None = None):
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0, run_config: dict | None = None,
+                 workers: int = 1):
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.client_app = client_app
+        self.workers = int(workers)
+        self._pool: WorkerPool | None = None
         rng = np.random.default_rng(seed)
         ids = rng.choice(2**62, size=num_nodes, replace=False) + 1
         self._contexts: dict[int, Context] = {
@@ -76,14 +91,19 @@ class LocalGrid(Grid):
         return list(self._contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
         ids = []
         for msg in messages:
             mid = str(uuid4())
             msg.metadata.__dict__["_message_id"] = mid
             msg.metadata.__dict__["_run_id"] = self._run.run_id
             ids.append(mid)
-            self._replies[mid] = self._deliver(msg)
-            self.messages_sent += 1
+        if self.workers > 1 and len(messages) > 1:
+            replies = self._deliver_parallel(messages)
+        else:
+            replies = [self._deliver(msg) for msg in messages]
+        self._replies.update(zip(ids, replies))
+        self.messages_sent += len(messages)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -95,10 +115,31 @@ class LocalGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         node_id = msg.metadata.dst_node_id
         if node_id not in self._contexts:
-            return Message(Error(code=CLIENT_APP_RAISED, reason=f"node {node_id} is not connected"), reply_to=msg)
-        try:
-            reply = self.client_app(msg, self._contexts[node_id])
-        except Exception as ex:  # the ClientApp's failure becomes an error reply, as in Flower
-            reason = f"{type(ex).__name__}: {ex}\n{traceback.format_exc(limit=3)}"
-            return Message(Error(code=CLIENT_APP_RAISED, reason=reason), reply_to=msg)
-        return reply
+            return not_connected(msg)
+        return call_client_app(self.client_app, msg, self._contexts[node_id])
+
+    def _deliver_parallel(self, messages: list[Message]) -> list[Message]:
+        """The batch on the worker pool; each node's Context comes back with its reply."""
+        if self._pool is None:
+            self._pool = WorkerPool(self.client_app, self.workers)
+        jobs = [(m, self._contexts.get(m.metadata.dst_node_id)) for m in messages]
+        replies = []
+        for msg, (reply, context) in zip(messages, self._pool.map(jobs)):
+            if context is not None:  # the node's state (context.state) as the ClientApp left it
+                self._contexts[msg.metadata.dst_node_id] = context
+            replies.append(reply)
+        return replies
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker processes (a later parallel batch starts new ones)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "LocalGrid":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -256,51 +256,65 @@ class ExpertStrategy(Strategy):
             if self.probe:
                 content[P.ARRAYS] = ArrayRecord({n: arrays[n] for n in self.layout.param_names([])})
             msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-            for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
-                self._register(reply, live=set(nodes))
+            self._register(grid.send_and_receive(msgs, timeout=self.query_timeout), live=set(nodes))
         known = [n for n in nodes if n in self.node_clients]
         return sorted(known, key=lambda n: self.node_clients[n])
 
-    def _register(self, reply: Message, live: set[int]) -> None:
-        """Bind a node to the client id its QUERY reply declares (docs/architecture.md#identity).
+    def _register(self, replies: Iterable[Message], live: set[int]) -> None:
+        """Bind nodes to the client ids their QUERY replies declare, and fold their profiles
+        (and probe histograms) into the state, all in one step (docs/architecture.md#identity).
 
         An id already bound to another connected node is refused (an id takeover); a node
         that comes back under a new node id takes its id over, and its declared memory can
-        only shrink (a profile cannot grow its own budget by re-registering).
+        only shrink (a profile cannot grow its own budget by re-registering). One
+        ``ensure_clients`` and one fitness update for the whole batch: one call per reply
+        copied the known-client arrays each time (O(new x known) at start-up).
         """
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "node %s did not answer the profile query", node_id)
+        declared: dict[str, core.ClientProfile] = {}
+        probes: dict[str, tuple] = {}
+        bound = {c: n for n, c in self.node_clients.items()}  # client id -> node id
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %s did not answer the profile query", node_id)
+                continue
+            try:
+                prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
+            except P.ProtocolError as ex:
+                log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
+                continue
+            holder = bound.get(prof.client_id)
+            if holder is not None and holder != node_id and holder in live:
+                log(WARNING, "node %s claims client id %r, already bound to connected node %s; refused",
+                    node_id, prof.client_id, holder)
+                continue
+            memory = math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes
+            if holder is not None and holder != node_id:  # the same client back under a new node id
+                del self.node_clients[holder]
+            if prof.client_id in self.state.profiles:
+                memory = min(memory, self.state.profiles[prof.client_id].memory_bytes)
+            self.node_clients[node_id], bound[prof.client_id] = prof.client_id, node_id
+            declared[prof.client_id] = core.ClientProfile(
+                memory_bytes=memory,
+                compute_tier=prof.tier or None,
+                declared_samples_per_s=prof.samples_per_s,
+                declared_uplink_Bps=prof.uplink_Bps,
+                declared_downlink_Bps=prof.downlink_Bps,
+                declared_reliability=prof.reliability,
+            )
+            if prof.num_examples:
+                self.num_examples[prof.client_id] = prof.num_examples
+            if hist is not None:
+                probes.setdefault(prof.client_id, (hist, gate))  # the first histogram of a cold row counts
+        if not declared:
             return
-        try:
-            prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
-        except P.ProtocolError as ex:
-            log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
-            return
-        holder = next((n for n, c in self.node_clients.items() if c == prof.client_id and n != node_id), None)
-        if holder is not None and holder in live:
-            log(WARNING, "node %s claims client id %r, already bound to connected node %s; refused",
-                node_id, prof.client_id, holder)
-            return
-        memory = math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes
-        if holder is not None:  # the same client back under a new node id
-            del self.node_clients[holder]
-            memory = min(memory, self.state.profiles[prof.client_id].memory_bytes)
-        self.node_clients[node_id] = prof.client_id
-        declared = core.ClientProfile(
-            memory_bytes=memory,
-            compute_tier=prof.tier or None,
-            declared_samples_per_s=prof.samples_per_s,
-            declared_uplink_Bps=prof.uplink_Bps,
-            declared_downlink_Bps=prof.downlink_Bps,
-            declared_reliability=prof.reliability,
-        )
-        self.state, row = core.ensure_client(self.state, prof.client_id, declared)
-        if prof.num_examples:
-            self.num_examples[prof.client_id] = prof.num_examples
-        if hist is not None and not self.state.fitness.seen[row]:
-            trained = np.zeros(len(self.expert_keys), bool)
-            self.state = core.observe_fitness(self.state, prof.client_id, hist, gate, None, trained, self.fitness)
+        self.state, _ = core.ensure_clients(self.state, list(declared), declared)
+        cold = [c for c in probes if not self.state.fitness.seen[self.state.client_index[c]]]
+        if cold:
+            no_expert = np.zeros(len(self.expert_keys), bool)
+            self.state = core.observe_fitness_batch(self.state, cold, [probes[c][0] for c in cold],
+                                                    [probes[c][1] for c in cold], [None] * len(cold),
+                                                    [no_expert] * len(cold), self.fitness)
 
     def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
         if len(nodes) < self.min_available_nodes:
