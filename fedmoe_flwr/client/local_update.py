@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmoe_flwr.models import aux_loss, moe_layers
-from fedmoe_flwr.models.adapters import router_logits
+from fedmoe_flwr.models.adapters import model_experts, router_logits
 from fedmoe_flwr.models.evaluate import _per_sample_loss
 
 
@@ -55,7 +55,11 @@ def train_local(
     Only parameters that get gradients move, so experts masked out stay bit-identical.
     """
     layers = moe_layers(model)
-    sizes = [m.num_experts for m in layers]
+    # Expert keys come from the adapters (any MoE); per-expert loss is attributed through
+    # fedmoe's own MoELayer statistics only (other models report NaN for it).
+    sizes = [layer.num_experts for layer in model_experts(model).layers]
+    if len(layers) != len(sizes):
+        layers = []
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     k_total = int(offsets[-1])
     tok = torch.zeros(k_total, dtype=torch.float64)
