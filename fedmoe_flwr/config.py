@@ -143,6 +143,7 @@ class StrategyConfig(RobustSettings, FitnessSettings):
     server_opt: ServerOpt = ServerOpt.avg
     server_lr: float = 1.0
     profile_ema: float = 0.3
+    lora_aggregation: str = "product"  # LoRA adapters (train.lora_rank > 0): product | factors
 
 
 @dataclass
@@ -273,6 +274,7 @@ def check_config(cfg: Config) -> list[str]:
     need(min(s.kappa, s.band, s.price_step, s.pace_margin, s.max_share, s.sample_drift) >= 0, "strategy.kappa",
          "kappa, band, price_step, pace_margin, max_share, sample_drift must be >= 0")
     need(0 < s.deadline_slack <= 1 and 0 <= s.min_consistency <= 1, "strategy.deadline_slack", "slack in (0, 1], consistency in [0, 1]")
+    need(s.lora_aggregation in ("product", "factors"), "strategy.lora_aggregation", "must be product or factors")
     need(s.server_lr > 0, "strategy.server_lr", "must be > 0")
     need(s.norm_bound is None or s.norm_bound > 0, "strategy.norm_bound", "must be > 0 or null")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
