@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from fedmoe_flwr.client import app as client_app  # noqa: E402
-from fedmoe_flwr.config import Config, DatasetName, ModelName, TierConfig, flatten  # noqa: E402
+from fedmoe_flwr.config import Config, DatasetName, ModelName, StrategyName, TierConfig, flatten  # noqa: E402
 from fedmoe_flwr.deploy.app_config import quickstart_config  # noqa: E402
 from fedmoe_flwr.experiment import build, compact_factory, experiment_for, load_data  # noqa: E402
 from fedmoe_flwr.models import build_compact, model_experts, to_wire  # noqa: E402
@@ -108,3 +108,14 @@ def test_bad_hf_settings_are_named(change, message):
     cfg = hf_cfg(**change)
     with pytest.raises(ValueError, match=message):
         build(cfg, load_data(cfg))
+
+
+def test_the_dense_baseline_is_the_familys_dense_sibling_and_trains():
+    cfg = hf_cfg()
+    cfg.strategy.name, cfg.num_rounds = StrategyName.dense, 1
+    cfg.strategy.min_train_nodes = 2
+    _, data, model, layout = experiment_for(cfg)
+    assert type(model.hf).__name__ == "MistralForCausalLM" and layout.expert_keys == []
+    assert model.hf.config.intermediate_size == cfg.model.top_k * cfg.model.d_hidden, "the MoE's active width"
+    summary = run_server(LocalGrid(client_app.make_client_app(flatten(cfg)), NODES, seed=0), cfg, None)
+    assert summary["rounds"] == 1 and summary["final_loss"] < math.log(81), summary

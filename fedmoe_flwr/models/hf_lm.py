@@ -27,7 +27,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf
-        self.seq2seq = type(hf).__name__.startswith("SwitchTransformers")
+        self.seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.seq2seq:  # the decoder reads the same ids: a causal LM over the decoder
@@ -40,8 +40,8 @@ def build_hf_lm(family: str, vocab_size: int, *, d_model: int, d_hidden: int, n_
                 weights: bool = True) -> HFCausalLM:
     """The ``model=hf`` model (see the module doc); ``dense``: its one-expert twin, trained whole.
 
-    The dense twin has one expert of width ``top_k * d_hidden`` (the active feed-forward
-    width of the MoE) and is marked dense. ``pretrained`` takes its sizes from the checkpoint;
+    The dense twin is the family's dense sibling (Mistral, Qwen2, Qwen3, OLMo, T5) with a
+    feed-forward of width ``top_k * d_hidden`` (the MoE's active width), marked dense. ``pretrained`` takes its sizes from the checkpoint;
     ``weights=False`` builds its architecture only (compact clients receive every tensor).
     Raises ValueError on an unknown family, a missing directory, or a vocabulary smaller
     than the data's.
@@ -49,6 +49,9 @@ def build_hf_lm(family: str, vocab_size: int, *, d_model: int, d_hidden: int, n_
     if family not in FAMILIES:
         raise ValueError(f"model.family={family!r} is not one of {list(FAMILIES)}")
     cls = hf_model_class(family)
+    if pretrained and dense:
+        raise ValueError("strategy=dense with model.pretrained: the dense baseline is the family's dense sibling, "
+                         "built from the sizes; drop model.pretrained for it")
     if pretrained:
         path = Path(pretrained)
         if not (path / "config.json").is_file():
@@ -61,12 +64,43 @@ def build_hf_lm(family: str, vocab_size: int, *, d_model: int, d_hidden: int, n_
         vocab = hf.config.vocab_size
         if vocab < vocab_size:
             raise ValueError(f"model.pretrained={pretrained!r} has a vocabulary of {vocab} < the data's {vocab_size}")
+    elif dense:
+        hf = dense_twin(family, hidden=d_model, inter=top_k * d_hidden, vocab=vocab_size, layers=n_layer, heads=n_head,
+                        max_positions=block_size)
     else:
-        e, k, inter = (1, 1, top_k * d_hidden) if dense else (num_experts, top_k, d_hidden)
-        config = hf_config(family, e, k, hidden=d_model, inter=inter, vocab=vocab_size, layers=n_layer, heads=n_head,
-                           kv_heads=n_head, max_positions=block_size)
+        config = hf_config(family, num_experts, top_k, hidden=d_model, inter=d_hidden, vocab=vocab_size, layers=n_layer,
+                           heads=n_head, kv_heads=n_head, max_positions=block_size)
         hf = cls(config)
     model = HFCausalLM(hf.train())
     if dense:
         setattr(model, DENSE_ATTR, True)
     return model
+
+
+DENSE_SIBLINGS = {
+    "mixtral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2_moe": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3_moe": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "olmoe": ("OlmoConfig", "OlmoForCausalLM"),
+    "switch": ("T5Config", "T5ForConditionalGeneration"),
+}
+"""The dense architecture each MoE family is built on (the ``strategy=dense`` baseline)."""
+
+
+def dense_twin(family: str, *, hidden: int, inter: int, vocab: int, layers: int, heads: int, max_positions: int) -> nn.Module:
+    """A random-init dense sibling of ``family`` (no experts) at the given widths."""
+    import transformers as tf
+
+    config_name, model_name = DENSE_SIBLINGS[family]
+    config_cls, model_cls = getattr(tf, config_name), getattr(tf, model_name)
+    if family == "switch":
+        config = config_cls(vocab_size=vocab, d_model=hidden, d_kv=hidden // heads, d_ff=inter, num_layers=layers,
+                            num_decoder_layers=layers, num_heads=heads, dropout_rate=0.0)
+    else:
+        extra = {"head_dim": hidden // heads} if family == "qwen3_moe" else {}
+        if family == "olmoe":
+            extra.update(eos_token_id=None, pad_token_id=None)
+        config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                            **extra)
+    return model_cls(config)
