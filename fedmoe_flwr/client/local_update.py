@@ -64,8 +64,10 @@ def train_local(
     k_total = int(offsets[-1])
     tok = torch.zeros(k_total, dtype=torch.float64)
     loss_sum = torch.zeros(k_total, dtype=torch.float64)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    # A compact model's absent experts are parameters on the meta device: nothing to train.
+    params = [p for p in model.parameters() if not p.is_meta]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     model.train()
     total, seen = 0.0, 0
@@ -76,7 +78,7 @@ def train_local(
             per_sample = _per_sample_loss(logits, yb)  # [B]
             loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
             if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                 loss = loss + 0.5 * proximal_mu * prox
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -41,7 +41,8 @@ def build_hf_lm(family: str, vocab_size: int, *, d_model: int, d_hidden: int, n_
     """The ``model=hf`` model (see the module doc); ``dense``: its one-expert twin, trained whole.
 
     The dense twin is the family's dense sibling (Mistral, Qwen2, Qwen3, OLMo, T5) with a
-    feed-forward of width ``top_k * d_hidden`` (the MoE's active width), marked dense. ``pretrained`` takes its sizes from the checkpoint;
+    feed-forward of width ``top_k * d_hidden`` (the MoE's active width), marked dense;
+    with ``pretrained``, the directory must hold that sibling's checkpoint. ``pretrained`` takes its sizes from the checkpoint;
     ``weights=False`` builds its architecture only (compact clients receive every tensor).
     Raises ValueError on an unknown family, a missing directory, or a vocabulary smaller
     than the data's.
@@ -49,14 +50,15 @@ def build_hf_lm(family: str, vocab_size: int, *, d_model: int, d_hidden: int, n_
     if family not in FAMILIES:
         raise ValueError(f"model.family={family!r} is not one of {list(FAMILIES)}")
     cls = hf_model_class(family)
-    if pretrained and dense:
-        raise ValueError("strategy=dense with model.pretrained: the dense baseline is the family's dense sibling, "
-                         "built from the sizes; drop model.pretrained for it")
     if pretrained:
         path = Path(pretrained)
         if not (path / "config.json").is_file():
             raise ValueError(f"model.pretrained={pretrained!r}: no config.json there; give a directory written by "
                              "save_pretrained (download a hub checkpoint first, e.g. huggingface-cli download)")
+        if dense:  # the dense baseline's own checkpoint (its family's dense sibling)
+            import transformers as tf
+
+            cls = getattr(tf, DENSE_SIBLINGS[family][1])
         if weights:
             hf = cls.from_pretrained(str(path), dtype=torch.float32)
         else:
