@@ -100,7 +100,7 @@ def pretrain(out: Path, steps: int, dense: bool, batch_size: int = 64, lr: float
     path = out / ("pretrained-dense" if dense else "pretrained")
     model.hf.save_pretrained(path)
     print(f"pretrained {'dense sibling' if dense else 'MoE'}: {steps} steps on {len(ids)} windows of "
-          f"{PRETRAIN_ROLES} other roles, last batch loss {float(loss):.3f} -> {path}")
+          f"{PRETRAIN_ROLES} other roles, last batch loss {float(loss.detach()):.3f} -> {path}")
     return path
 
 

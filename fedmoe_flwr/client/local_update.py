@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from fedmoe_flwr.models import aux_loss, moe_layers
 from fedmoe_flwr.models.adapters import model_experts, router_logits
@@ -74,14 +75,17 @@ def train_local(
     for _ in range(epochs):
         for idx in _batches(len(xt), batch_size, rng, max_batches):
             xb, yb = xt[idx], yt[idx]
-            logits = model(xb)
-            per_sample = _per_sample_loss(logits, yb)  # [B]
-            loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-                loss = loss + 0.5 * proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # LoRA (parametrized weights): each adapted weight is computed once per step, not
+            # once per use (transformers' expert loop indexes a fused weight per expert).
+            with parametrize.cached():
+                logits = model(xb)
+                per_sample = _per_sample_loss(logits, yb)  # [B]
+                loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                    loss = loss + 0.5 * proximal_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             total += float(per_sample.detach().sum())
             seen += len(idx)
