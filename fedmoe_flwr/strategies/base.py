@@ -72,7 +72,7 @@ class ExpertStrategy(Strategy):
         query_timeout: seconds to wait for QUERY replies.
         evaluate_every: federated evaluation runs on rounds divisible by this.
         lora_aggregation: how LoRA adapters (the layout's ``lora_pairs``) aggregate:
-            ``"product"`` (mean of B @ A re-factorised, unbiased) or ``"factors"`` (A and B
+            ``"product"`` (the best rank-r fit of the mean of B @ A) or ``"factors"`` (A and B
             averaged separately, biased; for comparison). See docs/models.md#lora.
     """
 
