@@ -58,6 +58,7 @@ class ModelName(_Name):
     moe_cnn = "moe_cnn"
     moe_lm = "moe_lm"
     custom = "custom"  # the user's own factory: model.factory (fedmoe_flwr/models/custom.py)
+    hf = "hf"  # a Hugging Face MoE LM: model.family, model.pretrained (fedmoe_flwr/models/hf_lm.py)
 
 
 class Backend(_Name):
@@ -94,6 +95,10 @@ class ModelConfig:
     n_layer: int = 2
     n_head: int = 4
     block_size: int = 64
+    # name=hf: mixtral | qwen2_moe | qwen3_moe | olmoe | switch, sized by d_model, d_hidden,
+    # n_layer, n_head, num_experts, top_k, block_size; or a local save_pretrained directory
+    family: str = "mixtral"
+    pretrained: str = ""
 
 
 @dataclass
@@ -138,6 +143,7 @@ class StrategyConfig(RobustSettings, FitnessSettings):
     server_opt: ServerOpt = ServerOpt.avg
     server_lr: float = 1.0
     profile_ema: float = 0.3
+    lora_aggregation: str = "product"  # LoRA adapters (train.lora_rank > 0): product | factors
 
 
 @dataclass
@@ -151,6 +157,9 @@ class TrainConfig:
     stats_samples: int = 512  # samples a client routes to measure its routing histogram
     balance_weight: float = 0.1
     z_weight: float = 0.001
+    # LoRA on held experts (+ q/v projections): only adapters and routers travel; 0 = off
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
 
 @dataclass
@@ -250,6 +259,7 @@ def check_config(cfg: Config) -> list[str]:
     need(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     need(t.max_batches is None or t.max_batches >= 1, "train.max_batches", "must be >= 1 or null")
     need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(t.lora_rank >= 0 and t.lora_alpha > 0, "train.lora_rank", "lora_rank >= 0 (0 = off), lora_alpha > 0")
     need(min(t.proximal_mu, t.balance_weight, t.z_weight, t.stats_samples) >= 0, "train.proximal_mu", "mu, weights, samples >= 0")
     need(f.deadline_s is None or f.deadline_s > 0, "fleet.deadline_s", "must be > 0 or null")
     need(f.jitter >= 0, "fleet.jitter", "must be >= 0")
@@ -266,6 +276,7 @@ def check_config(cfg: Config) -> list[str]:
     need(min(s.kappa, s.band, s.price_step, s.pace_margin, s.max_share, s.sample_drift) >= 0, "strategy.kappa",
          "kappa, band, price_step, pace_margin, max_share, sample_drift must be >= 0")
     need(0 < s.deadline_slack <= 1 and 0 <= s.min_consistency <= 1, "strategy.deadline_slack", "slack in (0, 1], consistency in [0, 1]")
+    need(s.lora_aggregation in ("product", "factors"), "strategy.lora_aggregation", "must be product or factors")
     need(s.server_lr > 0, "strategy.server_lr", "must be > 0")
     need(s.norm_bound is None or s.norm_bound > 0, "strategy.norm_bound", "must be > 0 or null")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")

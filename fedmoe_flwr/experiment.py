@@ -56,6 +56,10 @@ def model_kwargs(cfg: Config, data) -> tuple[str, dict]:
         return "moe_mlp", dict(common, in_dim=in_dim, num_classes=data.num_classes, num_moe_layers=m.num_moe_layers)
     if m.name == ModelName.moe_cnn:
         return "moe_cnn", dict(common, num_classes=data.num_classes)
+    if m.name == ModelName.hf:
+        return "hf", dict(vocab_size=data.num_classes, d_model=m.d_model, d_hidden=m.d_hidden, n_layer=m.n_layer,
+                          n_head=m.n_head, num_experts=m.num_experts, top_k=m.top_k, block_size=m.block_size,
+                          family=m.family, pretrained=m.pretrained)
     if m.name == ModelName.moe_lm:
         return "moe_lm", dict(
             common, vocab_size=data.num_classes, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head
@@ -63,15 +67,45 @@ def model_kwargs(cfg: Config, data) -> tuple[str, dict]:
     raise ValueError(f"unknown model {m.name!r}")
 
 
-def build(cfg: Config, data, *, dense: bool = False) -> torch.nn.Module:
-    """A freshly initialised model; the initial weights depend only on ``cfg.seed``."""
+def _construct(cfg: Config, data, dense: bool, weights: bool = True) -> torch.nn.Module:
     name, kwargs = model_kwargs(cfg, data)
-    torch.manual_seed(cfg.seed)
     if name == "custom":
         from fedmoe_flwr.models.custom import build_custom
 
         return build_custom(cfg.model.factory, kwargs, dense=dense)
+    if name == "hf":
+        from fedmoe_flwr.models.hf_lm import build_hf_lm
+
+        family, vocab = kwargs.pop("family"), kwargs.pop("vocab_size")
+        return build_hf_lm(family, vocab, dense=dense, weights=weights, **kwargs)
     return build_model(name, dense=dense, **kwargs)
+
+
+def build(cfg: Config, data, *, dense: bool = False) -> torch.nn.Module:
+    """A freshly initialised model; the initial weights depend only on ``cfg.seed``.
+
+    With ``train.lora_rank > 0`` the model carries LoRA adapters (A seeded by ``cfg.seed``)
+    and only they and the routers travel (:mod:`fedmoe_flwr.models.adapters.lora`).
+    """
+    torch.manual_seed(cfg.seed)
+    model = _construct(cfg, data, dense)
+    if cfg.train.lora_rank > 0:
+        from fedmoe_flwr.models.adapters.lora import apply_lora
+
+        apply_lora(model, rank=cfg.train.lora_rank, alpha=cfg.train.lora_alpha, seed=cfg.seed)
+    return model
+
+
+def compact_factory(cfg: Config, data):
+    """A builder of the config's model for compact clients (``client.compact``), or None.
+
+    Hugging Face models without LoRA: every tensor a client holds arrives in its message,
+    so it allocates only its experts. Other models use the shared skeleton (LoRA clients
+    need the frozen base weights, which do not travel).
+    """
+    if cfg.model.name != ModelName.hf or cfg.train.lora_rank > 0:
+        return None
+    return lambda: _construct(cfg, data, cfg.strategy.name.value == "dense", weights=False)
 
 
 @lru_cache(maxsize=8)

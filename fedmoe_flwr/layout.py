@@ -46,6 +46,8 @@ class ParamLayout:
             tensor (its first dimension) belongs to expert ``e`` of that layer.
         nbytes: name -> byte size of that tensor (numel * itemsize).
         num_experts: MoE layer index -> number of experts in it.
+        lora_pairs: LoRA adapters, A name -> B name; aggregation averages their product
+            (``core.lora``), not each factor. Empty for models without adapters.
     """
 
     expert_params: dict[str, tuple[str, ...]]
@@ -53,6 +55,7 @@ class ParamLayout:
     router_params: dict[str, int]
     nbytes: dict[str, int]
     num_experts: dict[int, int] = field(default_factory=dict)
+    lora_pairs: dict[str, str] = field(default_factory=dict)
 
     @property
     def expert_keys(self) -> list[str]:

@@ -22,7 +22,7 @@ from fedmoe_flwr.config import Config, StrategyName, flatten, unflatten
 from fedmoe_flwr.core.fitness import FitnessSettings
 from fedmoe_flwr.core.robust import RobustSettings
 from fedmoe_flwr.experiment import build, experiment_for
-from fedmoe_flwr.models import set_active_experts
+from fedmoe_flwr.models import load_wire, set_active_experts, to_wire
 from fedmoe_flwr.models.slicing import from_array_record, to_array_record
 from fedmoe_flwr.outputs import summarize, write_json
 from fedmoe_flwr.recording import RecordedStrategy, no_progress
@@ -101,7 +101,7 @@ class RunRecorder:
         """Flower's ``evaluate_fn``: the global model on the test set, on evaluation rounds."""
         if not (server_round == 0 or server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds):
             return None
-        self.model.load_state_dict(from_array_record(arrays))
+        load_wire(self.model, from_array_record(arrays))  # fused experts travel per expert
         set_active_experts(self.model, None)
         x, y = self.data.test
         loss, acc, _ = evaluate(self.model, x, y)
@@ -144,7 +144,7 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
     recorder = RunRecorder(cfg, data, strategy, out, progress, restored=restored)
     offset = 0 if restored is None else restored.round
     if restored is None:
-        run_strategy, initial_arrays = strategy, to_array_record(initial.state_dict())
+        run_strategy, initial_arrays = strategy, to_array_record(to_wire(initial))
     else:  # Flower's start() counts from 1: shift its rounds by the checkpoint's
         from fedmoe_flwr.checkpoint import ResumedStrategy
 

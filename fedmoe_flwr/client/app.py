@@ -31,7 +31,8 @@ from fedmoe_flwr.client.local_update import train_local
 from fedmoe_flwr.models.evaluate import evaluate
 from fedmoe_flwr.client.node_cache import node_experiment
 from fedmoe_flwr.config import RUN_KEYS, Config, flatten, unflatten
-from fedmoe_flwr.experiment import experiment_for
+from fedmoe_flwr.client.compact import model_for_message
+from fedmoe_flwr.experiment import compact_factory, experiment_for
 from fedmoe_flwr.fleet import device_profile, drops_out, simulate_times
 from fedmoe_flwr.seeding import rng_for
 
@@ -92,6 +93,12 @@ def _profile(dev, pid: int, context: Context, num_examples: int, model=None) -> 
     )
 
 
+def _compact(cfg: Config, data, msg: Message, skeleton):
+    """The model holding only the message's experts where the config allows, else the skeleton."""
+    factory = compact_factory(cfg, data)
+    return skeleton if factory is None else model_for_message(msg, factory)
+
+
 def make_client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp (query, train, evaluate) for the models and data of :mod:`fedmoe_flwr`."""
     defaults = dict(defaults or {})
@@ -131,6 +138,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         if dev is not None and drops_out(dev, rng_for(cfg.seed, "dropout", rnd, pid)):
             return Message(Error(code=0, reason=SIMULATED_DROPOUT), reply_to=msg)
         x, y = data.client_train(pid)
+        model = _compact(cfg, data, msg, model)
         t = cfg.train
         epochs = int(conf.get("local-epochs", t.local_epochs))
         torch.manual_seed(int(rng_for(cfg.seed, "torch", rnd, pid).integers(2**31)))
@@ -166,6 +174,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
     def evaluate_personal(msg: Message, context: Context) -> Message:
         cfg, data, model, pid, dev = node(context)
         x, y = data.client_holdout(pid)
+        model = _compact(cfg, data, msg, model)
 
         def eval_fn(m):
             loss, acc, n = evaluate(m, x, y)

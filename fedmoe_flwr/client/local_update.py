@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from fedmoe_flwr.models import aux_loss, moe_layers
-from fedmoe_flwr.models.adapters import router_logits
+from fedmoe_flwr.models.adapters import model_experts, router_logits
 from fedmoe_flwr.models.evaluate import _per_sample_loss
 
 
@@ -55,27 +56,36 @@ def train_local(
     Only parameters that get gradients move, so experts masked out stay bit-identical.
     """
     layers = moe_layers(model)
-    sizes = [m.num_experts for m in layers]
+    # Expert keys come from the adapters (any MoE); per-expert loss is attributed through
+    # fedmoe's own MoELayer statistics only (other models report NaN for it).
+    sizes = [layer.num_experts for layer in model_experts(model).layers]
+    if len(layers) != len(sizes):
+        layers = []
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     k_total = int(offsets[-1])
     tok = torch.zeros(k_total, dtype=torch.float64)
     loss_sum = torch.zeros(k_total, dtype=torch.float64)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    # A compact model's absent experts are parameters on the meta device: nothing to train.
+    params = [p for p in model.parameters() if not p.is_meta]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     model.train()
     total, seen = 0.0, 0
     for _ in range(epochs):
         for idx in _batches(len(xt), batch_size, rng, max_batches):
             xb, yb = xt[idx], yt[idx]
-            logits = model(xb)
-            per_sample = _per_sample_loss(logits, yb)  # [B]
-            loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # LoRA (parametrized weights): each adapted weight is computed once per step, not
+            # once per use (transformers' expert loop indexes a fused weight per expert).
+            with parametrize.cached():
+                logits = model(xb)
+                per_sample = _per_sample_loss(logits, yb)  # [B]
+                loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                    loss = loss + 0.5 * proximal_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             total += float(per_sample.detach().sum())
             seen += len(idx)

@@ -8,7 +8,10 @@ Tensors are plain ``dict[str, np.ndarray]`` keyed by state-dict name; a
   routed to ``k`` (``weighting="tokens"``);
 - router row ``e`` of layer ``l``: mean over the clients that held expert ``L{l}.E{e}``,
   weighted by ``num_samples``; rows nobody held are left bit-identical;
-- a tensor no client touched is returned as the very same array object (bit-identical).
+- a tensor no client touched is returned as the very same array object (bit-identical);
+- LoRA adapters (the layout's ``lora_pairs``, with ``lora="product"``): the weighted mean
+  of each holder's product ``B_i @ A_i``, re-factorised at rank r (:mod:`.lora`), instead
+  of averaging A and B separately (biased).
 
 Means fold each update into running weighted sums (no stacking); the robust
 ``median`` / ``trimmed_mean`` need every contributor's value per coordinate and so stack
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..layout import ParamLayout, expert_key
+from .lora import LORA_AGGREGATIONS, merge_pair
 
 __all__ = ["ClientUpdate", "ServerOptState", "aggregate_experts", "server_step"]
 
@@ -158,6 +162,7 @@ def aggregate_experts(
     method: str = "mean",
     clip_norm: float | None = None,
     trim_ratio: float = 0.1,
+    lora: str = "product",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Aggregate validated client updates per expert (module docstring).
 
@@ -172,6 +177,10 @@ def aggregate_experts(
             ``"trimmed_mean"`` (``trim_ratio`` of contributors cut at each end).
         clip_norm: if given, each update's delta (over all its tensors) is scaled down
             to at most this L2 norm before aggregation.
+        lora: ``"product"`` (default): with ``method="mean"``, each of the layout's
+            ``lora_pairs`` becomes the re-factorised weighted mean of its holders' products
+            (their clipped values, the same weights); ``"factors"``: A and B averaged
+            separately like any tensor (biased; kept to measure the bias).
 
     Returns:
         ``(new_params, delta, stats)``: ``new_params = global + delta`` in each tensor's
@@ -185,6 +194,11 @@ def aggregate_experts(
     """
     if method not in ("mean", "median", "trimmed_mean"):
         raise ValueError(f"method must be 'mean', 'median' or 'trimmed_mean', got {method!r}")
+    if lora not in LORA_AGGREGATIONS:
+        raise ValueError(f"lora must be one of {LORA_AGGREGATIONS}, got {lora!r}")
+    pairs = layout.lora_pairs if lora == "product" and method == "mean" else {}
+    factor_of = {n for a, b in pairs.items() for n in (a, b)}
+    lora_items: dict[str, list] = {}  # factor name -> [(weight, clipped delta)] in update order
     folds: dict[str, _Mean] = {}
     stacks: dict[str, list] = {}
     row_masks: dict[str, np.ndarray] = {}
@@ -193,6 +207,8 @@ def aggregate_experts(
         if name in layout.router_params:
             held = np.asarray(w) > 0
             row_masks[name] = row_masks[name] | held if name in row_masks else held
+        if name in factor_of:
+            lora_items.setdefault(name, []).append((w, d))
         if method == "mean":
             folds.setdefault(name, _Mean(d.shape)).add(w, d)
         else:
@@ -214,8 +230,27 @@ def aggregate_experts(
         if mask is not None:
             new = np.where(_bcast(mask, new), new, g)
         new_params[name] = new
+    for a, b in pairs.items():
+        _merge_product(a, b, lora_items, global_params, new_params, delta)
     stats = _stats(updates, layout, weighting, delta, row_masks, clipped)
     return new_params, delta, stats
+
+
+def _merge_product(a: str, b: str, items: dict[str, list], global_params, new_params, delta) -> None:
+    """Overwrite the factor means of adapter (a, b) by the re-factorised mean product.
+
+    Both factors of an adapter travel together (same owner, same holders, same weight);
+    a pair with a mismatch keeps its factor means.
+    """
+    ia, ib = items.get(a, []), items.get(b, [])
+    if not ia or len(ia) != len(ib):
+        return
+    ga, gb = np.asarray(global_params[a], np.float64), np.asarray(global_params[b], np.float64)
+    weights = [float(np.max(w)) for w, _ in ia]
+    new_a, new_b = merge_pair([ga + d for _, d in ia], [gb + d for _, d in ib], weights)
+    for name, g, new in ((a, ga, new_a), (b, gb, new_b)):
+        delta[name] = np.asarray(new, np.float64) - g
+        new_params[name] = np.asarray(new).astype(global_params[name].dtype)
 
 
 def _stats(updates, layout, weighting, delta, row_masks, clipped) -> dict:

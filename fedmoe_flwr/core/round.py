@@ -105,6 +105,7 @@ class RoundSettings:
     profile_ema: float = 0.3
     price_step: float = 0.0
     local_epochs: int = 1
+    lora_aggregation: str = "product"  # LoRA pairs: product (core.lora) | factors (biased)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,8 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     updates = _trusted_updates(accepted, inputs, layout, settings)
     if updates:
         _, delta, agg = aggregate_experts(dict(params), updates, layout, method=settings.robust.aggregator,
-                                          clip_norm=_clip_norm(updates, params, layout, settings))
+                                          clip_norm=_clip_norm(updates, params, layout, settings),
+                                          lora=settings.lora_aggregation)
         new_params, opt_state = server_step(dict(params), delta, state.opt_state, kind=settings.server_opt,
                                             lr=settings.server_lr, touched=set(agg["touched"]), row_masks=agg["row_masks"])
         state = replace(state, opt_state=opt_state)

@@ -16,14 +16,25 @@ SIZES = {"tiny": dict(hidden=16, inter=32, vocab=64), "mid": dict(hidden=512, in
 
 def hf_tiny_config(family: str, num_experts: int = 4, top_k: int = 2, size: str = "tiny", layers: int = 2):
     """The transformers config of a tiny ``family`` model (``FAMILIES``) with ``num_experts``."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; allowed: {list(SIZES)}")
+    s = SIZES[size]
+    return hf_config(family, num_experts, top_k, hidden=s["hidden"], inter=s["inter"], vocab=s["vocab"], layers=layers)
+
+
+def hf_config(family: str, num_experts: int, top_k: int, *, hidden: int, inter: int, vocab: int, layers: int = 2,
+              heads: int = 2, kv_heads: int = 1, max_positions: int | None = None):
+    """The transformers config of a ``family`` MoE at the given widths (random init, no hub)."""
     import transformers as tf  # lazy: an optional dependency
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; allowed: {list(FAMILIES)}")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; allowed: {list(SIZES)}")
-    h, i, v = SIZES[size]["hidden"], SIZES[size]["inter"], SIZES[size]["vocab"]
-    attn = dict(num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, vocab_size=v, hidden_size=h)
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden size {hidden} must be divisible by {heads} heads, and heads by {kv_heads} kv heads")
+    h, i, v = hidden, inter, vocab
+    attn = dict(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=v, hidden_size=h)
+    if max_positions is not None:
+        attn["max_position_embeddings"] = max_positions
     if family == "mixtral":
         return tf.MixtralConfig(**attn, intermediate_size=i, num_local_experts=num_experts, num_experts_per_tok=top_k)
     if family == "qwen2_moe":
@@ -33,7 +44,7 @@ def hf_tiny_config(family: str, num_experts: int = 4, top_k: int = 2, size: str 
         )
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(
-            **attn, intermediate_size=i, moe_intermediate_size=i, head_dim=h // 2,
+            **attn, intermediate_size=i, moe_intermediate_size=i, head_dim=h // heads,
             num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1,
         )
     if family == "olmoe":
@@ -41,7 +52,7 @@ def hf_tiny_config(family: str, num_experts: int = 4, top_k: int = 2, size: str 
             **attn, intermediate_size=i, num_experts=num_experts, num_experts_per_tok=top_k, eos_token_id=None, pad_token_id=None
         )
     return tf.SwitchTransformersConfig(
-        vocab_size=v, d_model=h, d_kv=h // 2, d_ff=i, num_layers=layers, num_decoder_layers=layers, num_heads=2,
+        vocab_size=v, d_model=h, d_kv=h // heads, d_ff=i, num_layers=layers, num_decoder_layers=layers, num_heads=heads,
         num_experts=num_experts, encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=10**6,
         router_jitter_noise=0.0, dropout_rate=0.0,
     )

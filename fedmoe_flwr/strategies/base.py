@@ -71,6 +71,9 @@ class ExpertStrategy(Strategy):
             MetricRecord``, as in Flower's FedAvg; default: weighted mean by ``num-examples``.
         query_timeout: seconds to wait for QUERY replies.
         evaluate_every: federated evaluation runs on rounds divisible by this.
+        lora_aggregation: how LoRA adapters (the layout's ``lora_pairs``) aggregate:
+            ``"product"`` (the best rank-r fit of the mean of B @ A) or ``"factors"`` (A and B
+            averaged separately, biased; for comparison). See docs/models.md#lora.
     """
 
     name = "expert"
@@ -97,6 +100,7 @@ class ExpertStrategy(Strategy):
         evaluate_metrics_aggr_fn: Callable | None = None,
         query_timeout: float = 600.0,
         evaluate_every: int = 1,
+        lora_aggregation: str = "product",
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -120,7 +124,7 @@ class ExpertStrategy(Strategy):
         self.settings = core.RoundSettings(
             fitness=fitness or core.FitnessSettings(), robust=robust or core.RobustSettings(), server_opt=server_opt,
             server_lr=server_lr, profile_ema=profile_ema, price_step=self.price_step,
-            local_epochs=int(self.train_config.get("local-epochs", 1)),
+            local_epochs=int(self.train_config.get("local-epochs", 1)), lora_aggregation=lora_aggregation,
         )
         self.state = core.init_state(self.expert_keys)
         self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id

@@ -13,8 +13,9 @@ the model so that its wire state holds only trainable tensors:
 
 Every client must start from the same base weights (the pretrained checkpoint, loaded
 locally); the server sends the adapters. Aggregating A and B separately is biased
-(mean(B) mean(A) != mean(B A)); :mod:`~fedmoe_flwr.models.adapters.lora_merge` gives the
-product average re-factorised at rank r (FlexLoRA-style). See docs/models.md#lora.
+(mean(B) mean(A) != mean(B A)); the strategies aggregate the layout's ``lora_pairs`` by the
+product average re-factorised at rank r (FlexLoRA-style, :mod:`fedmoe_flwr.core.lora`).
+See docs/models.md#lora.
 
 Fused adapters are recomputed at each access of the parametrized tensor (transformers'
 expert loop indexes it once per expert): wrap forward and backward in
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fedmoe_flwr.core.lora import lora_pairs  # noqa: F401 - re-exported: {A name: B name}
 from fedmoe_flwr.models.adapters.model import model_experts
 
 WIRE_ATTR = "fedmoe_wire"  # "trainable": the wire state holds only tensors that require grad
@@ -108,9 +110,3 @@ def _parametrized_name(model: nn.Module, name: str) -> str:
     if parametrize.is_parametrized(module, pname):
         return f"{prefix}.parametrizations.{pname}.original"
     return name
-
-
-def lora_pairs(names: Iterable[str]) -> dict[str, str]:
-    """``{A wire name: B wire name}`` for every adapter in a wire state or layout."""
-    names = set(names)
-    return {n: n.replace(".lora_A", ".lora_B") for n in names if ".lora_A" in n and n.replace(".lora_A", ".lora_B") in names}

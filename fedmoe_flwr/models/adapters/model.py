@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmoe_flwr.core.lora import lora_pairs
 from fedmoe_flwr.layout import ParamLayout, expert_key, parse_expert_key
 from fedmoe_flwr.models.adapters.fedmoe import find_fedmoe_layers
 from fedmoe_flwr.models.adapters.hf import find_hf_layers
@@ -106,6 +107,7 @@ class ModelExperts:
             router_params=router_params,
             nbytes={n: int(np.prod(s, dtype=np.int64)) * item[d] for n, (s, d) in shapes.items()},
             num_experts={l: layer.num_experts for l, layer in enumerate(self.layers)},
+            lora_pairs=lora_pairs(shapes) if self.trainable_only else {},
         )
 
     # --- the wire state ---------------------------------------------------------------
