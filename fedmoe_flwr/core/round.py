@@ -119,6 +119,9 @@ class RoundStats:
     sim_time_s: float
     train_loss: float | None
     client_metrics: dict[str, float]
+    # client id -> the weights the server gave it (after the robust caps): "shared" (its
+    # samples) and each held expert key (its tokens); what an audit of influence reads
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def metrics(self, state: AlignmentState) -> dict[str, float]:
         """The server-side figures of the round (the run's metrics rows)."""
@@ -285,5 +288,6 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         bytes_down=cost.bytes_down, bytes_up=cost.bytes_up, sim_time_s=cost.sim_time_s,
         train_loss=_weighted_mean([r.train_loss for r in reports], [float(r.num_examples) for r in reports]),
         client_metrics=_client_metrics(reports),
+        weights={u.client_id: {"shared": float(u.num_samples), **u.tokens} for u in updates},
     )
     return state, new_params, stats

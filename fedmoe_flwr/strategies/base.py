@@ -371,4 +371,4 @@ class ExpertStrategy(Strategy):
         self.last.metrics.update(stats.metrics(self.state))
         self.last.metrics.update(bytes_total=float(self.bytes_total), sim_time_total_s=self.sim_time_total,
                                  num_sent=float(len(self._cohort.sent)), aggregate_time_s=time.perf_counter() - t0)
-        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected))
+        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected), weights=dict(stats.weights))
