@@ -63,7 +63,7 @@ def summarize(rows: list[dict], targets: list[float], *, strategy: str, seed: in
         "seed": seed,
         "rounds": int(last.get("round", 0)),
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
-        "final_loss": evals[-1]["loss"] if evals else None,
+        "final_loss": evals[-1].get("loss") if evals else None,  # a diverged model has no finite loss
         "final_personal_accuracy": personal[-1] if personal else None,
         "accuracy_auc": float(np.mean([r["accuracy"] for r in evals])) if evals else None,
         "bytes_total": last.get("bytes_total", 0.0),

@@ -14,7 +14,9 @@ lying client could send. The attacks (``ATTACKS``; "delta" = trained - global):
   gate share on it (in the profile probe and in every reply), all its tokens on it when it
   holds it (consistent with the histogram), a tiny loss on it; sign-flipped update;
 - ``capacity``: declares 1e15 bytes of expert memory; sign-flipped update;
-- ``takeover``: claims the client id of an honest client; sign-flipped update.
+- ``takeover``: claims the client id of an honest client; sign-flipped update;
+- ``absent``: not an attack but its ceiling: the malicious nodes answer every TRAIN message
+  with an error, so the run trains without their data, as a perfect defence would.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.layout import parse_expert_key
 from fedmoe_flwr.seeding import rng_for
 
-ATTACKS = ("sign_flip", "scale10", "inflate", "replace", "capture", "capacity", "takeover")
+ATTACKS = ("sign_flip", "scale10", "inflate", "replace", "capture", "capacity", "takeover", "absent")
 INFLATION = 1000
 SCALE = 10.0
 HUGE_MEMORY = 1e15
@@ -104,6 +106,8 @@ class _Rewriter:
         sent, trained = P.decode_arrays(msg.content), P.decode_arrays(reply.content)
         report = P.decode_report(reply.content, len(keys))
         plan.trained_as.add(str(plan.victims.get(pid, pid)))
+        if plan.attack == "absent":
+            return Message(Error(code=0, reason="withheld by a malicious node"), reply_to=msg)
         arrays = {n: self._payload(n, sent[n].astype(np.float64), t.astype(np.float64)).astype(t.dtype)
                   for n, t in trained.items()}
         if plan.attack == "inflate":

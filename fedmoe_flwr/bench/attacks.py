@@ -40,8 +40,8 @@ DEFENCES_OFF = ["strategy.clip=none", "strategy.max_share=0", "strategy.sample_d
 FRACTIONS = (0.1, 0.2)
 
 
-def run_key(scenario: str, seed: int, attack: str, fraction: float, defences: bool) -> str:
-    return f"{scenario}/seed{seed}/{attack}/{fraction:g}/{'on' if defences else 'off'}"
+def run_key(scenario: str, seed: int, attack: str, fraction: float, defences: bool, variant: str = "") -> str:
+    return f"{scenario}{'+' + variant if variant else ''}/seed{seed}/{attack}/{fraction:g}/{'on' if defences else 'off'}"
 
 
 def influence(details: list[dict], malicious: set[str], target: str) -> dict:
@@ -71,8 +71,9 @@ def influence(details: list[dict], malicious: set[str], target: str) -> dict:
             "target_rounds": len(target_shares), "shared_share": mean(shared_shares), "max_ratio": max_ratio}
 
 
-def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defences: bool) -> dict:
-    """One run; ``attack=None`` is the clean run."""
+def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defences: bool,
+            extra: tuple[str, ...] = (), variant: str = "") -> dict:
+    """One run; ``attack=None`` is the clean run; ``extra`` overrides go after the rest."""
     from fedmoe_flwr.client.app import make_client_app
     from fedmoe_flwr.config import flatten
     from fedmoe_flwr.deploy.app_config import quickstart_config
@@ -81,7 +82,7 @@ def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defen
     from fedmoe_flwr.sim import LocalGrid
     from fedmoe_flwr.simulation import quiet_flower
 
-    overrides = COMMON + SCENARIOS[scenario] + [f"seed={seed}"] + ([] if defences else DEFENCES_OFF)
+    overrides = COMMON + SCENARIOS[scenario] + [f"seed={seed}"] + ([] if defences else DEFENCES_OFF) + list(extra)
     cfg = quickstart_config(overrides)
     layout = experiment_for(cfg)[3]
     n = cfg.dataset.num_clients
@@ -98,7 +99,7 @@ def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defen
     crashes = {c: why for row in details for c, why in row.get("dropped", {}).items() if "Error" in why}
     if crashes:  # a bug in the wrapper would show up as dropped clients, not as a result
         raise RuntimeError(f"client apps raised: {dict(list(crashes.items())[:3])}")
-    out = {"scenario": scenario, "seed": seed, "attack": attack or "clean", "fraction": fraction if attack else 0.0,
+    out = {"scenario": scenario + (f"+{variant}" if variant else ""), "overrides": list(extra), "seed": seed, "attack": attack or "clean", "fraction": fraction if attack else 0.0,
            "defences": defences, "accuracy": summary["final_accuracy"], "rounds": cfg.num_rounds,
            "num_clients": n, "malicious": sorted(malicious), "trained_as": sorted(plan.trained_as),
            "rejected_total": summary.get("rejected_total"), "dropped_total": summary.get("dropped_total")}
@@ -145,6 +146,10 @@ def main(argv=None) -> None:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--out", default="docs/bench/attacks.json")
     p.add_argument("--table-only", action="store_true", help="print the table of the results in --out")
+    p.add_argument("--variant", default="", help="a name for --overrides (rows are keyed scenario+variant)")
+    p.add_argument("--overrides", nargs="*", default=[], help="config overrides of a variant, e.g. strategy.aggregator=median")
+    p.add_argument("--only-on", action="store_true", help="skip the runs with defences off")
+    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     a = p.parse_args(argv)
     out = Path(a.out)
     results = json.loads(out.read_text())["runs"] if out.exists() else {}
@@ -152,16 +157,19 @@ def main(argv=None) -> None:
     unknown = sorted(set(attacks) - set(ATTACKS))
     if unknown:
         raise SystemExit(f"unknown attack(s) {unknown}; choose from {ATTACKS}")
-    plan = []
+    if a.overrides and not a.variant:
+        raise SystemExit("--overrides need a --variant name")
+    plan, modes = [], (True,) if a.only_on else (True, False)
+    fractions = [float(f) for f in a.fractions.split(",") if f]
     for scenario in a.scenario:
         for seed in range(a.seeds if scenario == "quickstart" else a.fmnist_seeds):
-            plan += [(scenario, seed, None, 0.0, on) for on in (True, False)]
-            plan += [(scenario, seed, att, frac, on) for att in attacks for frac in FRACTIONS for on in (True, False)]
+            plan += [(scenario, seed, None, 0.0, on) for on in modes]
+            plan += [(scenario, seed, att, frac, on) for att in attacks for frac in fractions for on in modes]
     for scenario, seed, attack, frac, on in ([] if a.table_only else plan):
-        key = run_key(scenario, seed, attack or "clean", frac, on)
+        key = run_key(scenario, seed, attack or "clean", frac, on, a.variant)
         if key in results:
             continue
-        results[key] = run_one(scenario, seed, attack, frac, on)
+        results[key] = run_one(scenario, seed, attack, frac, on, tuple(a.overrides), a.variant)
         r = results[key]
         print(f"{key}: accuracy {100 * r['accuracy']:.1f}%, target share {100 * r['target_share']:.1f}%, "
               f"max ratio {r['max_ratio']:.2f}", flush=True)
