@@ -259,6 +259,7 @@ def check_config(cfg: Config) -> list[str]:
     need(0 < s.deadline_slack <= 1 and 0 <= s.min_consistency <= 1, "strategy.deadline_slack", "slack in (0, 1], consistency in [0, 1]")
     need(s.server_lr > 0, "strategy.server_lr", "must be > 0")
     need(s.norm_bound is None or s.norm_bound > 0, "strategy.norm_bound", "must be > 0 or null")
+    need(0 <= s.min_agreement <= 1, "strategy.min_agreement", "must be in [0, 1]")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
     need(s.clip in CLIPS and (s.clip != "fixed" or (s.clip_norm or 0) > 0), "strategy.clip", f"one of {CLIPS}; fixed needs clip_norm > 0")
     bad += [f"strategy.{why}" for why in dp_problems(s, s)]

@@ -11,7 +11,9 @@ strategy.sample_drift=1e9 strategy.min_consistency=0`` (``norm_bound`` stays Non
 the identity binding cannot be switched off). Paired seeds: the data, fleet, initial model
 and cohorts are the same across the rows of one seed.
 
-Per run: the final test accuracy; ``target_share``, the mean over rounds of the malicious
+Per run: the final test accuracy and ``accuracy_last``, the mean of the last 3 evaluations
+(FMNIST evaluates every 5 rounds: its label-skewed runs swing by several points from one
+round to the next); ``target_share``, the mean over rounds of the malicious
 clients' share of the target expert's aggregation weight (vs ``fair`` = their share of
 the population); ``shared_share``, the same for the shared tensors; ``max_ratio``, the
 largest weight one client got on one expert (or the shared tensors) in one round over the
@@ -33,9 +35,10 @@ from fedmoe_flwr.bench.attackers import ATTACKS, AttackPlan, attacked_client_app
 
 SCENARIOS = {
     "quickstart": ["num_rounds=20", "eval_every=20"],
-    "fmnist": ["+benchmark=fmnist-label", "num_rounds=30", "eval_every=30", "strategy.fraction_evaluate=0"],
+    "fmnist": ["+benchmark=fmnist-label", "num_rounds=30", "eval_every=5", "strategy.fraction_evaluate=0"],
 }
-COMMON = ["backend=local", "quiet=true", "report=false", "checkpoint_every=0", "save_model=false", "loggers=[]"]
+COMMON = ["backend=local", "quiet=true", "report=false", "checkpoint_every=0", "save_model=false", "loggers=[jsonl]"]
+LAST_EVALS = 3  # accuracy_last: the mean of the last evaluations (label-skewed runs oscillate)
 DEFENCES_OFF = ["strategy.clip=none", "strategy.max_share=0", "strategy.sample_drift=1e9", "strategy.min_consistency=0"]
 FRACTIONS = (0.1, 0.2)
 
@@ -96,11 +99,14 @@ def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defen
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_server(LocalGrid(app, n, seed=seed), cfg, tmp)
         details = [json.loads(line) for line in (Path(tmp) / "details.jsonl").read_text().splitlines() if line]
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
     crashes = {c: why for row in details for c, why in row.get("dropped", {}).items() if "Error" in why}
     if crashes:  # a bug in the wrapper would show up as dropped clients, not as a result
         raise RuntimeError(f"client apps raised: {dict(list(crashes.items())[:3])}")
     out = {"scenario": scenario + (f"+{variant}" if variant else ""), "overrides": list(extra), "seed": seed, "attack": attack or "clean", "fraction": fraction if attack else 0.0,
-           "defences": defences, "accuracy": summary["final_accuracy"], "rounds": cfg.num_rounds,
+           "defences": defences, "accuracy": summary["final_accuracy"],
+           "accuracy_last": float(np.mean([r["accuracy"] for r in rows if r["round"] > 0 and "accuracy" in r][-LAST_EVALS:])),
+           "rounds": cfg.num_rounds,
            "num_clients": n, "malicious": sorted(malicious), "trained_as": sorted(plan.trained_as),
            "rejected_total": summary.get("rejected_total"), "dropped_total": summary.get("dropped_total")}
     out.update(influence(details, plan.trained_as, layout.expert_keys[0]))
@@ -114,8 +120,10 @@ def table(results: dict) -> list[str]:
     lines = []
     for scenario in sorted({r["scenario"] for r in runs}):
         rs = [r for r in runs if r["scenario"] == scenario]
-        clean = {r["seed"]: r["accuracy"] for r in rs if r["attack"] == "clean" and r["defences"]}
-        lines.append(f"\n{scenario} (seeds {sorted(clean)}; accuracy %, change vs clean with defences on)")
+        acc = "accuracy_last" if all("accuracy_last" in r for r in rs) else "accuracy"
+        clean = {r["seed"]: r[acc] for r in rs if r["attack"] == "clean" and r["defences"]}
+        what = f"mean of the last {LAST_EVALS} evaluations" if acc == "accuracy_last" else "final accuracy"
+        lines.append(f"\n{scenario} (seeds {sorted(clean)}; {what} %, change vs clean with defences on)")
         lines.append(f"{'attack':<10} {'frac':>4} | {'acc on':>7} {'d on':>6} {'acc off':>8} {'d off':>6} | "
                      f"{'tgt on':>6} {'tgt off':>7} {'fair':>5} | {'max on':>6} {'max off':>7}")
         keys = sorted({(r["attack"], r["fraction"]) for r in rs}, key=lambda k: (k[0] != "clean", ATTACKS.index(k[0])
@@ -126,8 +134,8 @@ def table(results: dict) -> list[str]:
                 sel = [r for r in rs if r["attack"] == attack and r["fraction"] == frac and r["defences"] == on]
                 if sel:
                     cell[on] = {
-                        "acc": 100 * np.mean([r["accuracy"] for r in sel]),
-                        "d": 100 * np.mean([r["accuracy"] - clean[r["seed"]] for r in sel if r["seed"] in clean]),
+                        "acc": 100 * np.mean([r[acc] for r in sel]),
+                        "d": 100 * np.mean([r[acc] - clean[r["seed"]] for r in sel if r["seed"] in clean]),
                         "tgt": 100 * np.mean([r["target_share"] for r in sel]),
                         "max": max(r["max_ratio"] for r in sel),
                     }

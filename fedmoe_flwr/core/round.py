@@ -28,7 +28,8 @@ from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
 from .privacy import SHARED, DPSettings, add_group_noise
 from .profiles import update_profiles
-from .robust import RobustSettings, cap_shares, median_norm, signal_consistency, signal_problem, token_weights, trusted_samples
+from .robust import (RobustSettings, cap_shares, direction_scores, median_norm, signal_consistency, signal_problem,
+                     token_weights, trusted_samples)
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
 
@@ -213,6 +214,27 @@ def _clip_norm(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], la
     return median_norm(norms)
 
 
+def _check_directions(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray], layout: ParamLayout,
+                      min_agreement: float, rejected: dict[str, str]) -> list[tuple[str, Received]]:
+    """The accepted replies whose shared-tensor delta agrees with the round's median delta
+    at least ``min_agreement`` times as well (cosine) as the median client's does; the others
+    go to ``rejected`` with their cosine. Relative, so it adapts to how much honest non-IID
+    clients disagree. Needs 3 clients (a median of 2 is their mean); off at 0."""
+    names = [n for n in sorted(layout.shared_params) if n not in layout.router_params]
+    if min_agreement <= 0 or len(accepted) < 3 or not names:
+        return accepted
+    deltas = {cid: np.concatenate([(np.asarray(r.params[n], np.float64) - params[n]).ravel() for n in names])
+              for cid, r in accepted}
+    scores = direction_scores(deltas)
+    bound = min_agreement * float(np.median(list(scores.values())))
+    if bound <= 0:  # no agreement to speak of this round
+        return accepted
+    for cid, _ in accepted:
+        if scores[cid] < bound:
+            rejected[cid] = f"update disagrees with the round's median delta (cosine {scores[cid]:.2f} < {bound:.2f})"
+    return [(cid, r) for cid, r in accepted if scores[cid] >= bound]
+
+
 def _dp_weights(updates: list[ClientUpdate], settings: RoundSettings) -> list[ClientUpdate]:
     """Under differential privacy every contributor weighs 1 (the noise is calibrated to an
     unweighted mean); otherwise the updates as they are."""
@@ -285,6 +307,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
             accepted.append((cid, reply))
         observations[cid] = {**measured, "completed": not late}
 
+    accepted = _check_directions(accepted, params, layout, settings.robust.min_agreement, rejected)
     new_params, noise = None, {}
     updates = _trusted_updates(accepted, inputs, layout, settings)
     aggregated = _dp_weights(updates, settings)
