@@ -265,3 +265,10 @@ def test_direction_scores_are_cosines_and_flag_flipped_minorities(honest, liars,
     assert all(-1 - 1e-9 <= s <= 1 + 1e-9 for s in scores.values())
     assert all(scores[f"h{i}"] > 0 for i in range(honest))
     assert all(scores[f"x{i}"] < 0 for i in range(liars))
+
+
+def test_cap_shares_never_raises_a_weight_even_when_the_level_underflows():
+    """Found by test_cap_shares_property: [1, 5e-324] at max_share=1 came back as [0.5, 0.5]."""
+    out = core.robust.cap_shares(np.array([1.0, 5e-324]), 1.0)
+    assert (out <= np.array([1.0, 5e-324])).all() and out[0] == out[1]
+    np.testing.assert_allclose(core.robust.cap_shares(np.array([8.0, 1.0, 1.0]), 2.0), [4.0, 1.0, 1.0])  # 4/6 = 2/3

@@ -78,7 +78,9 @@ def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
         c = s * rest[k] / (1.0 - s * k)
         if desc[k] <= c * (1 + 1e-12) and (k == 0 or desc[k - 1] >= c):
             return np.minimum(w, c) if k else w.copy()
-    return np.where(w > 0, rest[0] / m, 0.0)  # every share capped: equal weights
+    # every share capped: equal weights, at the smallest (so none grows; also when the level
+    # underflows, as with subnormal weights)
+    return np.where(w > 0, desc[-1], 0.0)
 
 
 def token_weights(tokens: np.ndarray, samples: float, layer_of: np.ndarray, held: np.ndarray) -> np.ndarray:
