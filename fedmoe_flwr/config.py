@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from fedmoe_flwr.core.fitness import FitnessSettings
+from fedmoe_flwr.core.privacy import DPSettings, dp_problems
 from fedmoe_flwr.core.robust import AGGREGATORS, CLIPS, RobustSettings
 
 
@@ -122,10 +123,11 @@ class FleetConfig:
 
 
 @dataclass
-class StrategyConfig(RobustSettings, FitnessSettings):
+class StrategyConfig(RobustSettings, FitnessSettings, DPSettings):
     """The strategy's settings; the fitness ones (w_hist, beta, ...) come from
     :class:`~fedmoe_flwr.core.FitnessSettings`, the robustness ones (norm_bound, aggregator,
-    clip, ...) from :class:`~fedmoe_flwr.core.RobustSettings`. Each field reaches the strategy's
+    clip, ...) from :class:`~fedmoe_flwr.core.RobustSettings`, the differential-privacy ones
+    (dp_noise_multiplier, dp_delta) from :class:`~fedmoe_flwr.core.DPSettings`. Each field reaches the strategy's
     constructor argument of the same name (:func:`fedmoe_flwr.server_app.build_strategy`)."""
 
     name: StrategyName = StrategyName.aligned
@@ -279,8 +281,12 @@ def check_config(cfg: Config) -> list[str]:
     need(s.lora_aggregation in ("product", "factors"), "strategy.lora_aggregation", "must be product or factors")
     need(s.server_lr > 0, "strategy.server_lr", "must be > 0")
     need(s.norm_bound is None or s.norm_bound > 0, "strategy.norm_bound", "must be > 0 or null")
+    need(0 <= s.min_agreement <= 1, "strategy.min_agreement", "must be in [0, 1]")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
     need(s.clip in CLIPS and (s.clip != "fixed" or (s.clip_norm or 0) > 0), "strategy.clip", f"one of {CLIPS}; fixed needs clip_norm > 0")
+    bad += [f"strategy.{why}" for why in dp_problems(s, s)]
+    need(not (s.dp_noise_multiplier > 0 and s.name == StrategyName.dense), "strategy.dp_noise_multiplier",
+         "differential privacy is implemented for the expert strategies, not dense")
     need(d.num_clients >= 1 and d.alpha > 0 and 0 <= d.holdout_fraction < 1, "dataset.num_clients",
          "num_clients >= 1, alpha > 0, holdout_fraction in [0, 1)")
     need(m.num_experts >= 1 and 1 <= m.top_k <= m.num_experts, "model.top_k", "1 <= top_k <= num_experts")

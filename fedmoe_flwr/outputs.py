@@ -44,7 +44,8 @@ def summarize(rows: list[dict], targets: list[float], *, strategy: str, seed: in
     ``final_personal_accuracy`` (None without personalised evaluation), ``accuracy_auc``
     (mean global accuracy over all evaluations after round 0), ``bytes_total``,
     ``sim_time_total`` (seconds), ``load_cv`` (mean over rounds), ``solve_time`` (mean s),
-    ``dropped_total``, ``rejected_total``, ``to_target`` (list of :func:`to_target`).
+    ``dropped_total``, ``rejected_total``, ``to_target`` (list of :func:`to_target`); with
+    differential privacy also ``dp_epsilon`` and ``dp_delta`` (the last round's).
     """
     evals = [r for r in rows if "accuracy" in r and r["round"] > 0]
     trained = [r for r in rows if r["round"] > 0]
@@ -55,12 +56,14 @@ def summarize(rows: list[dict], targets: list[float], *, strategy: str, seed: in
         vals = [r[key] for r in trained if key in r]
         return float(np.mean(vals)) if vals else None
 
+    dp = {k: last[k] for k in ("dp_epsilon", "dp_delta") if k in last}
     return {
+        **dp,
         "strategy": strategy,
         "seed": seed,
         "rounds": int(last.get("round", 0)),
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
-        "final_loss": evals[-1]["loss"] if evals else None,
+        "final_loss": evals[-1].get("loss") if evals else None,  # a diverged model has no finite loss
         "final_personal_accuracy": personal[-1] if personal else None,
         "accuracy_auc": float(np.mean([r["accuracy"] for r in evals])) if evals else None,
         "bytes_total": last.get("bytes_total", 0.0),

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe_flwr.models.evaluate import evaluate
 from fedmoe_flwr.config import Config, StrategyName, flatten, unflatten
 from fedmoe_flwr.core.fitness import FitnessSettings
+from fedmoe_flwr.core.privacy import DPSettings
 from fedmoe_flwr.core.robust import RobustSettings
 from fedmoe_flwr.experiment import build, experiment_for
 from fedmoe_flwr.models import load_wire, set_active_experts, to_wire
@@ -53,9 +54,9 @@ def build_strategy(cfg: Config, layout):
     common = dict(seed=cfg.seed, deadline_s=cfg.fleet.deadline_s, train_config=train_config, evaluate_every=cfg.eval_every)
     if cls is DenseFedAvg:
         return cls(**common, **settings, min_available_nodes=1, min_evaluate_nodes=1)
-    fitness, robust = (kind(**{f.name: getattr(s, f.name) for f in dataclasses.fields(kind)})
-                       for kind in (FitnessSettings, RobustSettings))
-    return cls(layout, **common, **settings, fitness=fitness, robust=robust)
+    fitness, robust, dp = (kind(**{f.name: getattr(s, f.name) for f in dataclasses.fields(kind)})
+                           for kind in (FitnessSettings, RobustSettings, DPSettings))
+    return cls(layout, **common, **settings, fitness=fitness, robust=robust, dp=dp)
 
 
 class RunRecorder:

@@ -231,7 +231,8 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     Keys: ``round``,
     ``expert_keys``, ``assignment`` (client id -> expert keys sent), ``dropped`` and
     ``rejected`` (client id -> reason), ``expert_clients`` and ``expert_tokens`` (per expert,
-    this round's aggregated updates), ``tiers`` (client id -> device tier, on the first row
+    this round's aggregated updates), ``weights`` (client id -> ``shared`` and expert key ->
+    the aggregation weight the server gave it, after the robust caps), ``tiers`` (client id -> device tier, on the first row
     and whenever it changed since ``tiers_known``), ``fitness`` (``clients`` in row order and
     ``Q`` rounded to 5 decimals; every round for small fleets, else every 10th and the final;
     at most :data:`FITNESS_MAX_CLIENTS` clients, evenly spaced in row order).
@@ -245,6 +246,8 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     row["rejected"] = {str(c): str(v) for c, v in last.rejected.items()}
     row["expert_clients"] = [float(v) for v in state.load.clients_last]
     row["expert_tokens"] = [float(v) for v in state.load.tokens_last]
+    weights = getattr(last, "weights", None) or {}
+    row["weights"] = {str(c): {k: _clean(round(float(v), 6)) for k, v in w.items()} for c, w in weights.items()}
     tiers = {str(c): (p.compute_tier or "") for c, p in state.profiles.items()}
     if tiers != (tiers_known or {}):
         row["tiers"] = tiers

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "fedmoe_flwr"
 RANK = {
     "layout": 0, "seeding": 0, "imports": 0,
     "core": 1,
-    "config": 2, "protocol": 2,
+    "config": 2, "protocol": 2, "privacy": 2,
     "models": 3, "data": 3,
     "fleet": 4, "experiment": 4,
     "client": 5, "strategies": 5,

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from fedmoe_flwr import core
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.config import to_config
+from fedmoe_flwr.core.robust import direction_scores
 from fedmoe_flwr.layout import ParamLayout
 from tests.test_strategy import _with_id, build_setup
 
@@ -235,3 +236,39 @@ def test_an_invalid_timing_is_rejected_with_a_reason_that_is_not_ok():
     strat.aggregate_train(1, replies)
     (why,) = strat.last.rejected.values()
     assert why != "ok" and "times" in why
+
+
+def test_direction_check_rejects_a_sign_flipped_update_and_only_when_asked():
+    """Finding of the attack benchmark: sign-flipped updates have ordinary norms, so clipping
+    and share caps let them through; min_agreement compares directions with the median delta."""
+    honest = {f"h{i}": (_reply(0.1 * (i + 1), [0, 1]), [0, 1]) for i in range(4)}
+    flipped = {"evil": (_reply(-0.25, [0, 1]), [0, 1])}
+    _, new, stats = _round({**honest, **flipped}, min_agreement=0.5)
+    assert "evil" in stats.rejected and "cosine" in stats.rejected["evil"]
+    assert set(stats.accepted) == set(honest)
+    assert new["w"].min() > 0
+    _, _, off = _round({**honest, **flipped})
+    assert "evil" in off.accepted, "off by default"
+    _, _, two = _round({"h0": honest["h0"], "evil": flipped["evil"]}, min_agreement=0.5)
+    assert set(two.accepted) == {"h0", "evil"}, "no median to compare with below 3 clients"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(honest=st.integers(3, 12), liars=st.integers(0, 2), dim=st.integers(5, 200), seed=st.integers(0, 2**31),
+       scale=st.floats(0.01, 100))
+def test_direction_scores_are_cosines_and_flag_flipped_minorities(honest, liars, dim, seed, scale):
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=dim)
+    deltas = {f"h{i}": common + 0.3 * rng.normal(size=dim) for i in range(honest)}
+    deltas.update({f"x{i}": -scale * deltas[f"h{i}"] for i in range(liars)})
+    scores = direction_scores(deltas)
+    assert all(-1 - 1e-9 <= s <= 1 + 1e-9 for s in scores.values())
+    assert all(scores[f"h{i}"] > 0 for i in range(honest))
+    assert all(scores[f"x{i}"] < 0 for i in range(liars))
+
+
+def test_cap_shares_never_raises_a_weight_even_when_the_level_underflows():
+    """Found by test_cap_shares_property: [1, 5e-324] at max_share=1 came back as [0.5, 0.5]."""
+    out = core.robust.cap_shares(np.array([1.0, 5e-324]), 1.0)
+    assert (out <= np.array([1.0, 5e-324])).all() and out[0] == out[1]
+    np.testing.assert_allclose(core.robust.cap_shares(np.array([8.0, 1.0, 1.0]), 2.0), [4.0, 1.0, 1.0])  # 4/6 = 2/3

@@ -8,6 +8,9 @@ check (docs/architecture.md#robustness).
 - shares: no client contributes more than ``max_share`` times the fair share ``1/m`` of
   the ``m`` contributors to one expert (or to the shared tensors) in a round;
 - norms: updates are clipped to the round's median delta norm before averaging;
+- directions (``min_agreement``, off by default): a client whose shared-tensor delta agrees
+  with the round's coordinate-wise median delta (cosine) less than ``min_agreement`` times
+  as well as the median client does is not aggregated (a sign flip has an ordinary norm);
 - signals: routing histograms and gate shares must be distributions per layer, and a
   client whose histogram contradicts the tokens it routed loses its fitness update.
 """
@@ -35,12 +38,15 @@ class RobustSettings:
     max_share: float = 2.0  # a client's weight on one expert <= max_share / holders; 0 = off
     sample_drift: float = 0.5  # claimed samples <= registered data size * (1 + drift)
     min_consistency: float = 0.5  # fitness ignores a client whose histogram contradicts its tokens
+    min_agreement: float = 0.0  # reject a client whose cosine with the median delta < this x the median client's; 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         if self.clip not in CLIPS:
             raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement!r}")
         if self.clip == "fixed" and not (self.clip_norm is not None and self.clip_norm > 0):
             raise ValueError(f"clip=fixed needs clip_norm > 0, got {self.clip_norm!r}")
 
@@ -72,7 +78,9 @@ def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
         c = s * rest[k] / (1.0 - s * k)
         if desc[k] <= c * (1 + 1e-12) and (k == 0 or desc[k - 1] >= c):
             return np.minimum(w, c) if k else w.copy()
-    return np.where(w > 0, desc[-1], 0.0)  # s = 1/m (or underflow): equal weights at the smallest
+    # every share capped: equal weights, at the smallest (so none grows; also when the level
+    # underflows, as with subnormal weights)
+    return np.where(w > 0, desc[-1], 0.0)
 
 
 def token_weights(tokens: np.ndarray, samples: float, layer_of: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -132,3 +140,29 @@ def median_norm(deltas: Mapping[str, float]) -> float | None:
     """The median of the clients' delta norms (the round's clipping bound); None if none."""
     values = [v for v in deltas.values() if np.isfinite(v)]
     return float(np.median(values)) if values else None
+
+
+MAX_DIRECTION_COORDS = 1_000_000
+"""Coordinates the direction check compares at most (an even stride over larger deltas)."""
+
+
+def direction_scores(deltas: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each client's cosine with the coordinate-wise median of all clients' deltas.
+
+    ``deltas`` maps client id -> its flat delta (all the same length). The median is robust
+    while fewer than half the clients lie, so a sign-flipped or replaced update scores < 0
+    while honest ones, even non-IID, mostly agree with it. A zero vector scores 0.
+    """
+    ids = sorted(deltas)
+    if not ids:
+        return {}
+    n = len(deltas[ids[0]])
+    step = max(1, -(-n // MAX_DIRECTION_COORDS))
+    stack = np.stack([np.asarray(deltas[c], dtype=np.float64)[::step] for c in ids])
+    ref = np.median(stack, axis=0)
+    ref_norm = float(np.linalg.norm(ref))
+    out = {}
+    for c, d in zip(ids, stack):
+        norm = float(np.linalg.norm(d)) * ref_norm
+        out[c] = float(d @ ref / norm) if norm > 0 else 0.0
+    return out

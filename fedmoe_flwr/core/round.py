@@ -26,8 +26,10 @@ from .accounting import round_cost
 from .aggregate import ClientUpdate, aggregate_experts, server_step
 from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
+from .privacy import SHARED, DPSettings, add_group_noise
 from .profiles import update_profiles
-from .robust import RobustSettings, cap_shares, median_norm, signal_consistency, signal_problem, token_weights, trusted_samples
+from .robust import (RobustSettings, cap_shares, direction_scores, median_norm, signal_consistency, signal_problem,
+                     token_weights, trusted_samples)
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
 
@@ -83,6 +85,8 @@ class RoundInputs:
     reply could not be decoded (rejected); a sent client in none of the maps timed out.
     ``close_s`` is when the server stopped waiting (None = it waited for every reply).
     ``registered`` holds each client's registered data size (the cap of its sample claims).
+    ``noise_rng`` draws the differential-privacy noise (seeded by ``(seed, round)``; needed
+    only when ``settings.dp`` is on).
     """
 
     round: int
@@ -92,6 +96,7 @@ class RoundInputs:
     malformed: Mapping[str, str] = field(default_factory=dict)
     close_s: float | None = None
     registered: Mapping[str, float] = field(default_factory=dict)
+    noise_rng: np.random.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class RoundSettings:
 
     fitness: FitnessSettings = field(default_factory=FitnessSettings)
     robust: RobustSettings = field(default_factory=RobustSettings)
+    dp: DPSettings = field(default_factory=DPSettings)
     server_opt: str = "avg"
     server_lr: float = 1.0
     profile_ema: float = 0.3
@@ -120,6 +126,10 @@ class RoundStats:
     sim_time_s: float
     train_loss: float | None
     client_metrics: dict[str, float]
+    # client id -> the weights the server gave it (after the robust caps): "shared" (its
+    # samples) and each held expert key (its tokens); what an audit of influence reads
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    noise_std: dict[str, float] = field(default_factory=dict)  # DP noise std per group ("shared", expert keys)
 
     def metrics(self, state: AlignmentState) -> dict[str, float]:
         """The server-side figures of the round (the run's metrics rows)."""
@@ -133,6 +143,9 @@ class RoundStats:
         }
         if self.train_loss is not None:
             out["train_loss"] = self.train_loss
+        if self.noise_std:
+            out["dp_noise_std_shared"] = self.noise_std.get(SHARED, 0.0)
+            out["dp_noise_std_expert_max"] = max((v for k, v in self.noise_std.items() if k != SHARED), default=0.0)
         return out
 
 
@@ -211,6 +224,44 @@ def _clip_norm(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], la
     return median_norm(norms)
 
 
+def _check_directions(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray], layout: ParamLayout,
+                      min_agreement: float, rejected: dict[str, str]) -> list[tuple[str, Received]]:
+    """The accepted replies whose shared-tensor delta agrees with the round's median delta
+    at least ``min_agreement`` times as well (cosine) as the median client's does; the others
+    go to ``rejected`` with their cosine. Relative, so it adapts to how much honest non-IID
+    clients disagree. Needs 3 clients (a median of 2 is their mean); off at 0."""
+    names = [n for n in sorted(layout.shared_params) if n not in layout.router_params]
+    if min_agreement <= 0 or len(accepted) < 3 or not names:
+        return accepted
+    deltas = {cid: np.concatenate([(np.asarray(r.params[n], np.float64) - params[n]).ravel() for n in names])
+              for cid, r in accepted}
+    scores = direction_scores(deltas)
+    bound = min_agreement * float(np.median(list(scores.values())))
+    if bound <= 0:  # no agreement to speak of this round
+        return accepted
+    for cid, _ in accepted:
+        if scores[cid] < bound:
+            rejected[cid] = f"update disagrees with the round's median delta (cosine {scores[cid]:.2f} < {bound:.2f})"
+    return [(cid, r) for cid, r in accepted if scores[cid] >= bound]
+
+
+def _dp_weights(updates: list[ClientUpdate], settings: RoundSettings) -> list[ClientUpdate]:
+    """Under differential privacy every contributor weighs 1 (the noise is calibrated to an
+    unweighted mean); otherwise the updates as they are."""
+    if not settings.dp.dp_enabled:
+        return updates
+    return [replace(u, num_samples=1, tokens={k: 1.0 for k in u.tokens}) for u in updates]
+
+
+def _dp_noise(delta, agg, num_updates: int, layout: ParamLayout, settings: RoundSettings, rng):
+    """The aggregated delta with each group's Gaussian noise (:mod:`.privacy`)."""
+    if rng is None:
+        raise ValueError("differential privacy needs RoundInputs.noise_rng (a generator seeded by (seed, round))")
+    contributors = {SHARED: num_updates, **{k: int(c) for k, c in agg["expert_clients"].items() if c > 0}}
+    return add_group_noise(delta, layout, contributors, agg["row_masks"], settings.dp.dp_noise_multiplier,
+                           float(settings.robust.clip_norm), rng)
+
+
 def _token_map(reply: Received, sent: Sent, layout: ParamLayout) -> dict[str, float]:
     held = set(sent.experts)
     return {k: float(t) for k, t in zip(layout.expert_keys, reply.report.tokens) if k in held}
@@ -266,12 +317,17 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
             accepted.append((cid, reply))
         observations[cid] = {**measured, "completed": not late}
 
-    new_params = None
+    accepted = _check_directions(accepted, params, layout, settings.robust.min_agreement, rejected)
+    new_params, noise = None, {}
     updates = _trusted_updates(accepted, inputs, layout, settings)
+    aggregated = _dp_weights(updates, settings)
     if updates:
-        _, delta, agg = aggregate_experts(dict(params), updates, layout, method=settings.robust.aggregator,
+        _, delta, agg = aggregate_experts(dict(params), aggregated, layout,
+                                          method=settings.robust.aggregator,
                                           clip_norm=_clip_norm(updates, params, layout, settings),
                                           lora=settings.lora_aggregation)
+        if settings.dp.dp_enabled:
+            delta, noise = _dp_noise(delta, agg, len(updates), layout, settings, inputs.noise_rng)
         new_params, opt_state = server_step(dict(params), delta, state.opt_state, kind=settings.server_opt,
                                             lr=settings.server_lr, touched=set(agg["touched"]), row_masks=agg["row_masks"])
         state = replace(state, opt_state=opt_state)
@@ -298,5 +354,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         bytes_down=cost.bytes_down, bytes_up=cost.bytes_up, sim_time_s=cost.sim_time_s,
         train_loss=_weighted_mean([r.train_loss for r in reports], [float(r.num_examples) for r in reports]),
         client_metrics=_client_metrics(reports),
+        weights={u.client_id: {"shared": float(u.num_samples), **u.tokens} for u in aggregated},
+        noise_std=noise,
     )
     return state, new_params, stats

@@ -60,6 +60,8 @@ def _summary_table(runs: list[Run], targets: list[float]) -> str:
     for t in targets:
         head += [f"rounds to {t:g}", f"MB to {t:g}", f"sim s to {t:g}"]
     head += ["total MB", "sim time (s)", "load CV", "dropped", "rejected"]
+    private = any("dp_epsilon" in r.summary for r in runs)  # differential privacy: its epsilon
+    head += ["DP epsilon"] if private else []
     out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in runs:
         s = r.summary
@@ -74,6 +76,7 @@ def _summary_table(runs: list[Run], targets: list[float]) -> str:
                   f"<td>{_fmt(None if r.strategy == 'dense' else s.get('load_cv'), 3)}</td>",
                   f"<td>{_fmt(s.get('dropped_total'))}</td>",
                   f"<td>{_fmt(s.get('rejected_total'))}</td>"]
+        cells += [f"<td>{_fmt(s.get('dp_epsilon'), 2)}</td>"] if private else []
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)

@@ -63,6 +63,9 @@ class ExpertStrategy(Strategy):
             deadline-aware strategies keep assignments within it. None = no deadline.
         robust: what the server trusts in a reply: norm bound, aggregator, clipping, share
             cap, sample drift (:class:`~fedmoe_flwr.core.RobustSettings`; on by default).
+        dp: client-level differential privacy (:class:`~fedmoe_flwr.core.DPSettings`; off by
+            default): Gaussian noise per aggregation group, epsilon in the round metrics
+            (docs/architecture.md#differential-privacy). Needs ``clip=fixed`` and ``aggregator=mean``.
         server_opt, server_lr: ``"avg"``, ``"fedadam"`` or ``"fedyogi"`` server step.
         fitness: signal weights, smoothing and exploration (:class:`~fedmoe_flwr.core.FitnessSettings`).
         profile_ema: smoothing of measured speeds and reliability.
@@ -91,6 +94,7 @@ class ExpertStrategy(Strategy):
         probe: bool = True,
         deadline_s: float | None = None,
         robust: core.RobustSettings | None = None,
+        dp: core.DPSettings | None = None,
         server_opt: str = "avg",
         server_lr: float = 1.0,
         fitness: core.FitnessSettings | None = None,
@@ -121,8 +125,12 @@ class ExpertStrategy(Strategy):
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
         self.query_timeout = query_timeout
         self.evaluate_every = max(1, int(evaluate_every))
+        robust, dp = robust or core.RobustSettings(), dp or core.DPSettings()
+        problems = core.dp_problems(dp, robust)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.settings = core.RoundSettings(
-            fitness=fitness or core.FitnessSettings(), robust=robust or core.RobustSettings(), server_opt=server_opt,
+            fitness=fitness or core.FitnessSettings(), robust=robust, dp=dp, server_opt=server_opt,
             server_lr=server_lr, profile_ema=profile_ema, price_step=self.price_step,
             local_epochs=int(self.train_config.get("local-epochs", 1)), lora_aggregation=lora_aggregation,
         )
@@ -134,6 +142,11 @@ class ExpertStrategy(Strategy):
         self.last = RoundLog()
         self._cohort = _Cohort()
         self._global: dict[str, np.ndarray] | None = None
+        self.privacy = None  # the accountant (fedmoe_flwr.privacy.PrivacyLedger) when DP is on
+        if dp.dp_enabled:
+            from fedmoe_flwr.privacy import PrivacyLedger
+
+            self.privacy = PrivacyLedger(dp.dp_noise_multiplier, dp.dp_delta)
 
     @property
     def fitness(self) -> core.FitnessSettings:
@@ -203,6 +216,7 @@ class ExpertStrategy(Strategy):
         for cid, why in sorted({**stats.dropped, **stats.rejected}.items()):
             log(INFO, "round %d: update of client %s not aggregated: %s", server_round, cid, why)
         self._record(stats, t0)
+        self._account(stats)
         if new_params is None:
             return None, self._client_metrics(stats, contents)
         self._global = new_params
@@ -236,6 +250,7 @@ class ExpertStrategy(Strategy):
             "num_examples": dict(self.num_examples),
             "sim_time_total": self.sim_time_total,
             "bytes_total": self.bytes_total,
+            **({"dp_rates": self.privacy.state_dict()} if self.privacy is not None else {}),
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -244,6 +259,8 @@ class ExpertStrategy(Strategy):
         self.num_examples = {k: int(v) for k, v in d["num_examples"].items()}
         self.sim_time_total = float(d["sim_time_total"])
         self.bytes_total = int(d["bytes_total"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(d.get("dp_rates", []))
 
     # ------------------------------------------------------------------ helpers
     def _known_nodes(self, grid: Grid, arrays: ArrayRecord, rnd: int) -> list[int]:
@@ -370,7 +387,9 @@ class ExpertStrategy(Strategy):
                 rnd, close, "the deadline" if self.deadline_s is not None else "all replies")
             close = self.deadline_s
         sent = {s.client_id: s for s in self._cohort.sent.values()}
-        return core.RoundInputs(rnd, sent, received, failed, malformed, close, registered=self.num_examples), contents
+        noise_rng = rng_for(self.seed, "dp-noise", rnd) if self.privacy is not None else None
+        return core.RoundInputs(rnd, sent, received, failed, malformed, close, registered=self.num_examples,
+                                noise_rng=noise_rng), contents
 
     def _client_metrics(self, stats: core.RoundStats, contents: dict) -> MetricRecord:
         """Aggregated ClientApp-side train metrics: the train loss and the user's own scalars."""
@@ -382,6 +401,15 @@ class ExpertStrategy(Strategy):
             out["train_loss"] = stats.train_loss
         return MetricRecord(out)
 
+    def _account(self, stats: core.RoundStats) -> None:
+        """Compose the round's noisy releases into the accountant (DP on, something aggregated)."""
+        if self.privacy is not None and stats.accepted:
+            from fedmoe_flwr.privacy import sampling_rates
+
+            self.privacy.step(sampling_rates([s.experts for s in self._cohort.sent.values()], self.expert_keys,
+                                             len(self.node_clients)))
+            self.last.metrics.update(self.privacy.metrics())
+
     def _record(self, stats: core.RoundStats, t0: float) -> None:
         """The server-side figures of the round into :attr:`last` (read by the run recorder)."""
         self.bytes_total += stats.bytes_down + stats.bytes_up
@@ -389,4 +417,4 @@ class ExpertStrategy(Strategy):
         self.last.metrics.update(stats.metrics(self.state))
         self.last.metrics.update(bytes_total=float(self.bytes_total), sim_time_total_s=self.sim_time_total,
                                  num_sent=float(len(self._cohort.sent)), aggregate_time_s=time.perf_counter() - t0)
-        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected))
+        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected), weights=dict(stats.weights))

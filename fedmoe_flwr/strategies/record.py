@@ -17,3 +17,4 @@ class RoundLog:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> "shared"/expert key -> weight
