@@ -1,5 +1,7 @@
 """The Flower adapter shared by every expert-aware strategy.
 
+(Over 400 lines: one class, its Flower hooks first and the helpers they call after, read top to bottom.)
+
 :class:`ExpertStrategy` is a ``flwr.serverapp.strategy.Strategy`` (Message API). Its hooks
 do the Flower work (sample nodes, build and decode messages); the alignment core does the
 thinking (:func:`fedmoe_flwr.core.apply_round`, docs/architecture.md#one-round):
