@@ -1,5 +1,5 @@
 """Weights the server can defend: what a client claims is bounded by what the server can
-check (docs/architecture.md#robustness).
+check (docs/robustness.md#robustness).
 
 - samples: a client's claimed sample count is capped at its registered data size (its
   first report) times ``1 + drift``;

@@ -285,7 +285,7 @@ class ExpertStrategy(Strategy):
 
     def _register(self, replies: Iterable[Message], live: set[int]) -> None:
         """Bind nodes to the client ids their QUERY replies declare, and fold their profiles
-        (and probe histograms) into the state, all in one step (docs/architecture.md#identity).
+        (and probe histograms) into the state, all in one step (docs/robustness.md#identity).
 
         An id already bound to another connected node is refused (an id takeover); a node
         that comes back under a new node id takes its id over, and its declared memory can
