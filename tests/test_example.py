@@ -67,13 +67,7 @@ def run_app(app_dir: Path, work: Path, monkeypatch, memory_mb: dict | None = Non
     return accuracy, read_log(work / "messages.jsonl"), mods["task"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train ~2x faster on one thread (and CPU time is shared with other tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def switched_path(rel: Path) -> Path:

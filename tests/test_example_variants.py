@@ -30,12 +30,7 @@ PACKAGES = {CUSTOM: "fedmoe_custom", HF: "fedmoe_hf"}
 NUM_NODES = 6
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def run_app(app_dir: Path, work: Path, monkeypatch):

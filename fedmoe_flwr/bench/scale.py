@@ -233,12 +233,18 @@ def print_table(rows: list[dict]) -> None:
           "checkpoint save/load CPU (wall in the JSON)")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fleet_arguments(description: str) -> argparse.ArgumentParser:
+    """The synthetic fleet's command-line settings, shared by the scale benchmarks."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--clients", type=int, nargs="+", default=[1000, 10000, 100000])
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--cohort", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
+    return p
+
+
+def main(argv=None) -> None:
+    p = fleet_arguments(__doc__.splitlines()[0])
     p.add_argument("--one-by-one-max", type=int, default=10000,
                    help="also time one-at-a-time registration up to this many clients (it is quadratic)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")

@@ -14,14 +14,13 @@ messages, ``apply_round``. CPU seconds; nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedmoe_flwr.bench.scale import DEADLINE_S, EXPERT_BYTES, synthetic_fleet, tiny_layout
+from fedmoe_flwr.bench.scale import DEADLINE_S, EXPERT_BYTES, fleet_arguments, synthetic_fleet, tiny_layout
 
 clock = time.process_time
 
@@ -102,11 +101,7 @@ def measure(num_clients: int, num_experts: int, cohort: int, rounds: int, seed: 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, nargs="+", default=[1000, 10000, 100000])
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--cohort", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=3)
+    p = fleet_arguments(__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from fedmoe_flwr.simulation import quiet_flower
