@@ -7,20 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fedmoe_flwr.layout import ParamLayout
-from fedmoe_flwr.models import (
-    MODEL_NAMES,
-    MoELayer,
-    build_model,
-    from_array_record,
-    held_expert_keys,
-    merge_sub_state,
-    param_layout,
-    split_state,
-    state_nbytes,
-    sub_state,
-    sub_state_names,
-    to_array_record,
-)
+from fedmoe_flwr.models import MODEL_NAMES, MoELayer, build_model, from_array_record, held_expert_keys, merge_sub_state, param_layout, split_state, state_nbytes, sub_state, sub_state_names, to_array_record  # noqa: E501
 
 torch.manual_seed(0)
 LM = build_model("moe_lm", n_layer=2, num_experts=4, d_model=16, d_hidden=8, n_head=2, vocab_size=11)
