@@ -34,6 +34,18 @@ class StrategyName(_Name):
     random = "random"
     full = "full"
     dense = "dense"
+    rolling = "rolling"
+    dense_small = "dense-small"
+    dense_large_exclusive = "dense-large-exclusive"
+    heterofl = "heterofl"
+    fjord = "fjord"
+    fedrolex = "fedrolex"
+
+
+# OmegaConf looks enum values up by member *name*; the dashed strategy names (``dense-small``)
+# are not identifiers, so they are registered as aliases of their members.
+for _member in StrategyName:
+    StrategyName._member_map_.setdefault(_member.value, _member)
 
 
 class DatasetName(_Name):
@@ -118,6 +130,10 @@ class StrategyConfig(RobustSettings, FitnessSettings):
     use_deadline: bool = True
     deadline_slack: float = 0.9  # aligned plans within this share of the deadline
     pace_margin: float = 1.2  # aligned closes rounds at this x the slowest predicted reply; 0 = off
+    # width baselines (heterofl, fjord, fedrolex): width ratios a client may train, from its
+    # capacity (docs/architecture.md#strategies); fjord samples one of them per local step
+    width_levels: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    roll_step: int = 1  # fedrolex: hidden units the window moves per round (the paper: 1)
     # aggregation
     server_opt: str = "avg"  # avg | fedadam | fedyogi
     server_lr: float = 1.0
@@ -135,6 +151,7 @@ class TrainConfig:
     stats_samples: int = 512  # samples a client routes to measure its routing histogram
     balance_weight: float = 0.1
     z_weight: float = 0.001
+    all_positions: bool = False  # next-char LMs: loss on every position of a window (nanoGPT-style), not the last only
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from fedmoe_flwr.config import Config, ModelName, flatten, unflatten
 from fedmoe_flwr.data import load_federated
 from fedmoe_flwr.models import build_model, param_layout
+from fedmoe_flwr.variants import num_moe_layers, smallest_expert_count, strategy_variant, variant_ffn
 
 
 def load_data(cfg: Config):
@@ -54,18 +55,54 @@ def model_kwargs(cfg: Config, data) -> tuple[str, dict]:
     raise ValueError(f"unknown model {m.name!r}")
 
 
-def build(cfg: Config, data, *, dense: bool = False) -> torch.nn.Module:
-    """A freshly initialised model; the initial weights depend only on ``cfg.seed``."""
+def variant_kwargs(cfg: Config, data, variant: str) -> tuple[str, dict]:
+    """:func:`model_kwargs` for one model variant (:mod:`fedmoe_flwr.variants`)."""
     name, kwargs = model_kwargs(cfg, data)
+    m = cfg.model
+    layers = num_moe_layers(m.name.value, m.n_layer, m.num_moe_layers)
+    k_min = smallest_expert_count(cfg.fleet.tiers, layers * m.num_experts)
+    ffn = variant_ffn(variant, num_experts=m.num_experts, d_hidden=m.d_hidden, top_k=m.top_k,
+                      shared_expert=m.shared_expert, layers=layers, k_min=k_min)
+    return name, {**kwargs, **ffn}
+
+
+def build(cfg: Config, data, *, dense: bool = False, variant: str | None = None) -> torch.nn.Module:
+    """A freshly initialised model; the initial weights depend only on ``cfg.seed``.
+
+    ``variant`` (``moe``, ``dense``, ``dense-small``, ``dense-large``) overrides ``dense``;
+    :func:`build_for_strategy` builds the one the config's strategy trains.
+    """
+    if variant is None:
+        name, kwargs = model_kwargs(cfg, data)
+        kwargs["dense"] = dense
+    else:
+        name, kwargs = variant_kwargs(cfg, data, variant)
     torch.manual_seed(cfg.seed)
-    return build_model(name, dense=dense, **kwargs)
+    return build_model(name, **kwargs)
+
+
+def build_for_strategy(cfg: Config, data) -> torch.nn.Module:
+    """The model the config's strategy trains (:func:`fedmoe_flwr.variants.strategy_variant`)."""
+    return build(cfg, data, variant=strategy_variant(cfg.strategy.name.value))
+
+
+@lru_cache(maxsize=8)
+def _moe_layout(flat_items: tuple):
+    cfg = unflatten(dict(flat_items))
+    return param_layout(build(cfg, load_data(cfg), variant="moe"))
+
+
+def moe_layout(cfg: Config):
+    """The expert layout of the config's MoE, whatever model the strategy trains: device
+    budgets (``fleet``) and the width strategies' capacities are counted in its experts."""
+    return _moe_layout(tuple(sorted(flatten(cfg).items())))
 
 
 @lru_cache(maxsize=8)
 def _cached(flat_items: tuple):
     cfg = unflatten(dict(flat_items))
     data = load_data(cfg)
-    model = build(cfg, data, dense=cfg.strategy.name.value == "dense")
+    model = build_for_strategy(cfg, data)
     return cfg, data, model, param_layout(model)
 
 

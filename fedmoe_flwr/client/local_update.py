@@ -49,10 +49,14 @@ def train_local(
     balance_weight: float = 0.1,
     z_weight: float = 1e-3,
     max_batches: int | None = None,
+    all_positions: bool = False,
 ) -> LocalResult:
     """Local SGD on ``(x, y)`` with the MoE auxiliary losses and an optional proximal term.
 
     Only parameters that get gradients move, so experts masked out stay bit-identical.
+    ``all_positions``: for a next-char LM (``x`` [n, T] ids, ``y`` [n] the next id), the loss
+    covers every position of the window (targets ``x[:, 1:]`` then ``y``), as char-LMs are
+    usually trained, instead of the last position only.
     """
     layers = moe_layers(model)
     sizes = [m.num_experts for m in layers]
@@ -69,6 +73,8 @@ def train_local(
         for idx in _batches(len(xt), batch_size, rng, max_batches):
             xb, yb = xt[idx], yt[idx]
             logits = model(xb)
+            if all_positions and logits.dim() == 3 and yb.dim() == 1:
+                yb = torch.cat([xb[:, 1:], yb[:, None]], dim=1)  # [B, T]: each position's next id
             per_sample = _per_sample_loss(logits, yb)  # [B]
             loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
             if anchor is not None:
