@@ -63,7 +63,10 @@ def width_units(ratio: float, full: int) -> int:
 
 
 def width_level(capacity: float, levels: Iterable[float]) -> float | None:
-    """The largest level not above ``capacity`` (a share of the MoE's experts); None if none fits."""
+    """The largest level not above ``capacity`` (a share of the MoE's experts); None if none fits.
+
+    A tolerance of 1e-9 keeps a capacity computed as a ratio of byte counts from falling a
+    rounding error below its level."""
     fit = [float(l) for l in levels if 0.0 < float(l) <= capacity + 1e-9]
     return max(fit) if fit else None
 
