@@ -76,6 +76,7 @@ class DatasetConfig:
     holdout_fraction: float = 0.2
     max_train_samples: Optional[int] = None
     num_domains: int = 4
+    max_test_samples: Optional[int] = None  # shakespeare: cap on global test windows (None = the source's 10,000)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class TrainConfig:
     stats_samples: int = 512  # samples a client routes to measure its routing histogram
     balance_weight: float = 0.1
     z_weight: float = 0.001
+    optimizer: str = "sgd"  # local optimizer: sgd | adam (fresh each round; transformers learn far faster with adam)
     all_positions: bool = False  # next-char LMs: loss on every position of a window (nanoGPT-style), not the last only
 
 

@@ -28,6 +28,7 @@ def load_data(cfg: Config):
         holdout_fraction=d.holdout_fraction,
         max_train_samples=d.max_train_samples,
         **({"num_domains": d.num_domains} if d.partitioner == "domain" else {}),
+        **({"max_test_samples": d.max_test_samples} if d.max_test_samples is not None else {}),
     )
 
 

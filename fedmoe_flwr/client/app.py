@@ -158,6 +158,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 z_weight=t.z_weight,
                 max_batches=t.max_batches,
                 all_positions=t.all_positions,
+                optimizer=t.optimizer,
             )
 
         def timings(bytes_down, bytes_up, n, _measured):

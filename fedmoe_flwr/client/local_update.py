@@ -17,6 +17,9 @@ from fedmoe_flwr.models.adapters import router_logits
 from fedmoe_flwr.models.evaluate import _per_sample_loss
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass
 class LocalResult:
     """What one local update measured. Per-expert arrays are flat over all expert keys."""
@@ -50,14 +53,19 @@ def train_local(
     z_weight: float = 1e-3,
     max_batches: int | None = None,
     all_positions: bool = False,
+    optimizer: str = "sgd",
 ) -> LocalResult:
     """Local SGD on ``(x, y)`` with the MoE auxiliary losses and an optional proximal term.
 
     Only parameters that get gradients move, so experts masked out stay bit-identical.
     ``all_positions``: for a next-char LM (``x`` [n, T] ids, ``y`` [n] the next id), the loss
     covers every position of the window (targets ``x[:, 1:]`` then ``y``), as char-LMs are
-    usually trained, instead of the last position only.
+    usually trained, instead of the last position only. ``optimizer``: ``"sgd"`` (with
+    ``momentum``) or ``"adam"`` (a fresh Adam each call; parameters without a gradient, such
+    as masked experts, are skipped by both).
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {sorted(OPTIMIZERS)}")
     layers = moe_layers(model)
     sizes = [m.num_experts for m in layers]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -65,7 +73,8 @@ def train_local(
     tok = torch.zeros(k_total, dtype=torch.float64)
     loss_sum = torch.zeros(k_total, dtype=torch.float64)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     model.train()
     total, seen = 0.0, 0
