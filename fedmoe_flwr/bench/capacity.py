@@ -108,7 +108,7 @@ def print_gate(result: dict) -> None:
         f = m["final"]
         print(f"{name:<12} {m['params']:>10,} {f['test_loss']:>10.3f} {f['perplexity']:>11.2f} {100 * f['accuracy']:>11.1f}")
     g = result["gate"]
-    print(f"small loses {100 * g['accuracy_gap']:.1f} accuracy points, perplexity x{g['perplexity_ratio']:.3f} "
+    print(f"small loses {100 * g['accuracy_gap']:.1f} accuracy points, perplexity x{g['perplexity_ratio']:.4f} "
           f"-> {'PASSES' if g['passes'] else 'FAILS'} (needs >= {100 * ACC_GAP:.0f} points or x{PPL_RATIO:.2f})")
 
 
