@@ -33,9 +33,17 @@ ACC_GAP = 0.05  # accuracy points the small model must lose
 PPL_RATIO = 1.10  # or: its perplexity at least this times the large one's
 
 
-def pooled_train(data) -> tuple[np.ndarray, np.ndarray]:
-    """Every client's train split, concatenated (the centralised control)."""
-    xs, ys = zip(*(data.client_train(i) for i in range(data.num_clients)))
+def pooled_train(data, max_per_client: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every client's train split (its first ``max_per_client`` samples), concatenated (the
+    centralised control). Token ids that fit a byte are kept as uint8 (4M LM windows fit in memory)."""
+    xs, ys = [], []
+    for i in range(data.num_clients):
+        x, y = data.client_train(i)
+        x, y = x[:max_per_client], y[:max_per_client]
+        if x.dtype.kind in "iu" and x.size and x.min() >= 0 and x.max() < 256:
+            x = x.astype(np.uint8)
+        xs.append(x)
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -50,6 +58,8 @@ def train_central(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, test: tu
     for step in range(1, steps + 1):
         idx = torch.from_numpy(rng.integers(0, len(xt), batch_size))
         xb, yb = xt[idx], yt[idx]
+        if xb.dtype == torch.uint8:
+            xb = xb.long()
         logits = model(xb)
         if all_positions and logits.dim() == 3 and yb.dim() == 1:
             yb = torch.cat([xb[:, 1:], yb[:, None]], dim=1)
@@ -73,14 +83,14 @@ def gate_verdict(results: dict) -> dict:
 
 
 def run_gate(scenario: str, *, steps: int, batch_size: int, lr: float, eval_every: int, test_samples: int,
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, max_per_client: int | None = None) -> dict:
     from fedmoe_flwr.deploy.app_config import quickstart_config
     from fedmoe_flwr.experiment import build, load_data
 
     torch.set_num_threads(1)  # the shared machine: one core per run
     cfg = quickstart_config([f"+benchmark={scenario}", *(overrides or [])])
     data = load_data(cfg)
-    x, y = pooled_train(data)
+    x, y = pooled_train(data, max_per_client)
     tx, ty = data.test
     pick = np.random.default_rng(cfg.seed).permutation(len(tx))[:test_samples]
     test = (tx[np.sort(pick)], ty[np.sort(pick)])
@@ -144,19 +154,23 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--test-samples", type=int, default=2000)
+    p.add_argument("--max-per-client", type=int, default=None, help="cap on each client's pooled samples")
+    p.add_argument("--tag", default="", help="suffix of the output files (a variant of the scenario)")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("overrides", nargs="*", help="Hydra overrides on top of the scenario (key=value)")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
     result = run_gate(a.scenario, steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
-                      test_samples=a.test_samples, overrides=a.overrides)
+                      test_samples=a.test_samples, overrides=a.overrides, max_per_client=a.max_per_client)
+    result["overrides"], result["max_per_client"] = a.overrides, a.max_per_client
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"capacity_{a.scenario}.json").write_text(json.dumps(result, indent=1))
-    plot_gate(result, out / f"capacity_{a.scenario}.png")
+    stem = f"capacity_{a.scenario}{a.tag}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot_gate(result, out / f"{stem}.png")
     print_gate(result)
-    print(f"wrote {out / f'capacity_{a.scenario}.json'} and {out / f'capacity_{a.scenario}.png'}")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
 
 
 if __name__ == "__main__":
