@@ -37,6 +37,18 @@ class StrategyName(_Name):
     random = "random"
     full = "full"
     dense = "dense"
+    rolling = "rolling"
+    dense_small = "dense-small"
+    dense_large_exclusive = "dense-large-exclusive"
+    heterofl = "heterofl"
+    fjord = "fjord"
+    fedrolex = "fedrolex"
+
+
+# OmegaConf looks enum values up by member *name*; the dashed strategy names (``dense-small``)
+# are not identifiers, so they are registered as aliases of their members.
+for _member in StrategyName:
+    StrategyName._member_map_.setdefault(_member.value, _member)
 
 
 class ServerOpt(_Name):
@@ -81,6 +93,7 @@ class DatasetConfig:
     feature_column: str = ""  # "" = the one column that is neither label nor id
     label_column: str = "label"
     id_column: str = ""  # natural client ids (partitioner=natural)
+    max_test_samples: Optional[int] = None  # shakespeare: cap on global test windows (None = the source's 10,000)
 
 
 @dataclass
@@ -141,6 +154,10 @@ class StrategyConfig(RobustSettings, FitnessSettings, DPSettings):
     use_deadline: bool = True
     deadline_slack: float = 0.9  # aligned plans within this share of the deadline
     pace_margin: float = 1.2  # aligned closes rounds at this x the slowest predicted reply; 0 = off
+    # width baselines (heterofl, fjord, fedrolex): width ratios a client may train, from its
+    # capacity (docs/architecture.md#strategies); fjord samples one of them per local step
+    width_levels: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    roll_step: int = 1  # fedrolex: hidden units the window moves per round (the paper: 1)
     # aggregation
     server_opt: ServerOpt = ServerOpt.avg
     server_lr: float = 1.0
@@ -162,6 +179,8 @@ class TrainConfig:
     # LoRA on held experts (+ q/v projections): only adapters and routers travel; 0 = off
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    optimizer: str = "sgd"  # local optimizer: sgd | adam (fresh each round; transformers learn far faster with adam)
+    all_positions: bool = False  # next-char LMs: loss on every position of a window (nanoGPT-style), not the last only
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from fedmoe_flwr.config import Config, DatasetName, ModelName, flatten, unflatten
 from fedmoe_flwr.data import load_federated
 from fedmoe_flwr.models import build_model, param_layout
+from fedmoe_flwr.variants import num_moe_layers, smallest_expert_count, strategy_variant, variant_ffn
 
 
 def load_data(cfg: Config):
@@ -33,6 +34,7 @@ def load_data(cfg: Config):
         holdout_fraction=d.holdout_fraction,
         max_train_samples=d.max_train_samples,
         **({"num_domains": d.num_domains} if d.partitioner == "domain" else {}),
+        **({"max_test_samples": d.max_test_samples} if d.max_test_samples is not None else {}),
     )
 
 
@@ -81,19 +83,57 @@ def _construct(cfg: Config, data, dense: bool, weights: bool = True) -> torch.nn
     return build_model(name, dense=dense, **kwargs)
 
 
-def build(cfg: Config, data, *, dense: bool = False) -> torch.nn.Module:
+def variant_kwargs(cfg: Config, data, variant: str) -> tuple[str, dict]:
+    """:func:`model_kwargs` for one model variant (:mod:`fedmoe_flwr.variants`)."""
+    name, kwargs = model_kwargs(cfg, data)
+    m = cfg.model
+    layers = num_moe_layers(m.name.value, m.n_layer, m.num_moe_layers)
+    k_min = smallest_expert_count(cfg.fleet.tiers, layers * m.num_experts)
+    ffn = variant_ffn(variant, num_experts=m.num_experts, d_hidden=m.d_hidden, top_k=m.top_k,
+                      shared_expert=m.shared_expert, layers=layers, k_min=k_min)
+    return name, {**kwargs, **ffn}
+
+
+def build(cfg: Config, data, *, dense: bool = False, variant: str | None = None) -> torch.nn.Module:
     """A freshly initialised model; the initial weights depend only on ``cfg.seed``.
 
-    With ``train.lora_rank > 0`` the model carries LoRA adapters (A seeded by ``cfg.seed``)
-    and only they and the routers travel (:mod:`fedmoe_flwr.models.adapters.lora`).
+    ``variant`` (``moe``, ``dense``, ``dense-small``, ``dense-large``) overrides ``dense``;
+    :func:`build_for_strategy` builds the one the config's strategy trains. The width
+    variants exist for the shipped models only. With ``train.lora_rank > 0`` the model
+    carries LoRA adapters (A seeded by ``cfg.seed``) and only they and the routers travel
+    (:mod:`fedmoe_flwr.models.adapters.lora`).
     """
     torch.manual_seed(cfg.seed)
-    model = _construct(cfg, data, dense)
+    if variant in (None, "moe", "dense"):
+        model = _construct(cfg, data, dense if variant is None else variant == "dense")
+    elif cfg.model.name.value in ("custom", "hf"):
+        raise ValueError(f"strategy {cfg.strategy.name.value!r} needs the {variant} variant of a shipped model, "
+                         f"not model={cfg.model.name.value}")
+    else:
+        name, kwargs = variant_kwargs(cfg, data, variant)
+        model = build_model(name, **kwargs)
     if cfg.train.lora_rank > 0:
         from fedmoe_flwr.models.adapters.lora import apply_lora
 
         apply_lora(model, rank=cfg.train.lora_rank, alpha=cfg.train.lora_alpha, seed=cfg.seed)
     return model
+
+
+def build_for_strategy(cfg: Config, data) -> torch.nn.Module:
+    """The model the config's strategy trains (:func:`fedmoe_flwr.variants.strategy_variant`)."""
+    return build(cfg, data, variant=strategy_variant(cfg.strategy.name.value))
+
+
+@lru_cache(maxsize=8)
+def _moe_layout(flat_items: tuple):
+    cfg = unflatten(dict(flat_items))
+    return param_layout(build(cfg, load_data(cfg), variant="moe"))
+
+
+def moe_layout(cfg: Config):
+    """The expert layout of the config's MoE, whatever model the strategy trains: device
+    budgets (``fleet``) and the width strategies' capacities are counted in its experts."""
+    return _moe_layout(tuple(sorted(flatten(cfg).items())))
 
 
 def compact_factory(cfg: Config, data):
@@ -112,7 +152,7 @@ def compact_factory(cfg: Config, data):
 def _cached(flat_items: tuple):
     cfg = unflatten(dict(flat_items))
     data = load_data(cfg)
-    model = build(cfg, data, dense=cfg.strategy.name.value == "dense")
+    model = build_for_strategy(cfg, data)
     return cfg, data, model, param_layout(model)
 
 

@@ -62,6 +62,10 @@ DOWNLINK = "downlink-Bps"
 RELIABILITY = "reliability"
 TIER = "tier"
 
+# Width baselines (heterofl, fjord, fedrolex, dense-large-exclusive): TRAIN/EVALUATE config keys.
+WIDTH = "width"  # the client's width ratio; the arrays hold a width-sliced dense model (fedmoe_flwr.widths)
+OD_LEVELS = "od-levels"  # FjORD: width ratios (of the full model) to draw one of per local step
+
 MISSING = -1.0  # MetricRecord values must be finite numbers: -1 marks "no observation"
 
 

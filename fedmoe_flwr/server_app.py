@@ -18,11 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe_flwr.models.evaluate import evaluate
-from fedmoe_flwr.config import Config, StrategyName, flatten, unflatten
+from fedmoe_flwr.config import Config, flatten, unflatten
 from fedmoe_flwr.core.fitness import FitnessSettings
 from fedmoe_flwr.core.privacy import DPSettings
 from fedmoe_flwr.core.robust import RobustSettings
-from fedmoe_flwr.experiment import build, experiment_for
+from fedmoe_flwr.experiment import build_for_strategy, experiment_for
 from fedmoe_flwr.models import load_wire, set_active_experts, to_wire
 from fedmoe_flwr.models.slicing import from_array_record, to_array_record
 from fedmoe_flwr.outputs import summarize, write_json
@@ -43,7 +43,8 @@ def _parameters(cls) -> set[str]:
 def build_strategy(cfg: Config, layout):
     """The strategy the config names: each ``strategy.*`` setting reaches the constructor
     argument of the same name (one declaration per setting: :class:`StrategyConfig`)."""
-    from fedmoe_flwr.strategies import STRATEGIES, DenseFedAvg
+    from fedmoe_flwr.experiment import moe_layout
+    from fedmoe_flwr.strategies import STRATEGIES, DenseFedAvg, WidthFedAvg
 
     s = cfg.strategy
     cls = STRATEGIES[s.name.value]
@@ -52,7 +53,10 @@ def build_strategy(cfg: Config, layout):
     train_config = {"local-epochs": cfg.train.local_epochs, "batch-size": cfg.train.batch_size, "lr": cfg.train.lr,
                     "proximal-mu": cfg.train.proximal_mu}
     common = dict(seed=cfg.seed, deadline_s=cfg.fleet.deadline_s, train_config=train_config, evaluate_every=cfg.eval_every)
-    if cls is DenseFedAvg:
+    if issubclass(cls, WidthFedAvg):  # capacities are shares of the MoE's experts (same fleet for all)
+        total = sum(moe_layout(cfg).expert_nbytes(k) for k in moe_layout(cfg).expert_keys)
+        return cls(**common, **settings, moe_expert_bytes=total, min_available_nodes=1, min_evaluate_nodes=1)
+    if issubclass(cls, DenseFedAvg):
         return cls(**common, **settings, min_available_nodes=1, min_evaluate_nodes=1)
     fitness, robust, dp = (kind(**{f.name: getattr(s, f.name) for f in dataclasses.fields(kind)})
                            for kind in (FitnessSettings, RobustSettings, DPSettings))
@@ -79,7 +83,7 @@ class RunRecorder:
         self.data = data
         self.strategy = strategy
         self.out_dir = out_dir
-        self.model = build(cfg, data, dense=cfg.strategy.name == StrategyName.dense)
+        self.model = build_for_strategy(cfg, data)
         self.rows: list[dict] = [dict(r) for r in restored.metrics] if restored is not None else []
         # wall time continues from the checkpoint's last row on resume
         self.t0 = time.perf_counter() - (self.rows[-1].get("wall_time_s", 0.0) if self.rows else 0.0)
@@ -131,7 +135,7 @@ def run_server(grid: Grid, cfg: Config, out_dir: str | Path | None = None, progr
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    initial = build(cfg, data, dense=cfg.strategy.name == StrategyName.dense)
+    initial = build_for_strategy(cfg, data)
     strategy = build_strategy(cfg, layout)
     restored = None
     if cfg.resume and out is not None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fedmoe_flwr"
 
 RANK = {
-    "layout": 0, "seeding": 0, "imports": 0,
+    "layout": 0, "seeding": 0, "imports": 0, "variants": 0, "widths": 0,
     "core": 1,
     "config": 2, "protocol": 2, "privacy": 2,
     "models": 3, "data": 3,

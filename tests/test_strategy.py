@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.client.app import make_client_app
 from fedmoe_flwr.config import Config, TierConfig, flatten
-from fedmoe_flwr.experiment import build, experiment_for
+from fedmoe_flwr.experiment import build_for_strategy, experiment_for
 from fedmoe_flwr.models.slicing import to_array_record
 from fedmoe_flwr.server_app import build_strategy
 from fedmoe_flwr.sim import LocalGrid
@@ -38,7 +38,7 @@ def build_setup(strategy="aligned", cfg: Config | None = None, **over):
     cfg, data, _, layout = experiment_for(cfg)
     grid = LocalGrid(make_client_app(flatten(cfg)), cfg.dataset.num_clients, seed=cfg.seed)
     strat = build_strategy(cfg, layout)
-    arrays = to_array_record(build(cfg, data).state_dict())
+    arrays = to_array_record(build_for_strategy(cfg, data).state_dict())
     return cfg, layout, grid, strat, arrays
 
 

@@ -8,9 +8,10 @@ as ``run.py`` writes them) and compares strategies on the same seeds.
     {scenario: {strategy: {metric: {"mean": x, "std": y, "values": [...]}}}}
 
 with metrics ``rounds_to_target``, ``bytes_to_target``, ``sim_time_to_target``,
-``final_accuracy``, ``final_personal_accuracy``, ``accuracy_auc``, ``load_cv``,
-``solve_time``, and per-seed paired ratios ``{rounds,bytes,sim_time}_to_target_vs_{random,
-flex,full}`` and the paired difference ``accuracy_auc_minus_{random,flex,full}``. A target
+``final_accuracy``, ``final_loss``, ``final_perplexity``, ``final_personal_accuracy``,
+``accuracy_auc``, ``load_cv``, ``solve_time``, ``bytes_total``, ``sim_time_total``, and
+per-seed paired ratios ``{rounds,bytes,sim_time}_to_target_vs_<base>`` and the paired
+difference ``accuracy_auc_minus_<base>`` for each base of :data:`BASELINES` that ran. A target
 never reached is ``null`` in ``values`` (and makes that seed's ratios ``null``); ``mean``
 and ``std`` are over the reached seeds, with ``reached`` counting them.
 """
@@ -26,11 +27,12 @@ import numpy as np
 
 from fedmoe_flwr.outputs import read_jsonl
 
-STRATEGY_ORDER = ["aligned", "flex", "greedy", "random", "full", "dense"]
-BASELINES = ["random", "flex", "full"]
+STRATEGY_ORDER = ["aligned", "flex", "greedy", "random", "rolling", "full", "dense",
+                  "dense-small", "dense-large-exclusive", "heterofl", "fjord", "fedrolex"]
+BASELINES = ["random", "flex", "full", "rolling", "dense-small", "heterofl", "fjord", "fedrolex"]
 METRICS = [
-    "rounds_to_target", "bytes_to_target", "sim_time_to_target", "final_accuracy",
-    "final_personal_accuracy", "accuracy_auc", "load_cv", "solve_time",
+    "rounds_to_target", "bytes_to_target", "sim_time_to_target", "final_accuracy", "final_loss", "final_perplexity",
+    "final_personal_accuracy", "accuracy_auc", "load_cv", "solve_time", "bytes_total", "sim_time_total",
 ]
 
 
@@ -53,6 +55,10 @@ def _run_metrics(run: dict) -> dict:
         "bytes_to_target": target.get("bytes"),
         "sim_time_to_target": target.get("sim_time_s"),
         "final_accuracy": run.get("final_accuracy"),
+        "final_loss": run.get("final_loss"),
+        "final_perplexity": math.exp(run["final_loss"]) if run.get("final_loss") is not None else None,
+        "bytes_total": run.get("bytes_total"),
+        "sim_time_total": run.get("sim_time_total"),
         "final_personal_accuracy": run.get("final_personal_accuracy"),
         "accuracy_auc": run.get("accuracy_auc"),
         "load_cv": run.get("load_cv"),
@@ -117,15 +123,16 @@ def print_tables(results: dict, console=None) -> None:
     console = console or Console(width=200)
     for scenario, strategies in results.items():
         table = Table(title=f"{scenario} (mean±std over seeds; (n/N) = seeds reaching the target)")
-        for col in ["strategy", "rounds→target", "MB→target", "sim s→target", "final acc %", "AUC %",
-                    "personal acc %", "load CV", "solve ms", "rounds vs random", "AUC − random"]:
+        for col in ["strategy", "rounds→target", "MB→target", "sim s→target", "final acc %", "final ppl", "AUC %",
+                    "personal acc %", "MB total", "load CV", "rounds vs random", "AUC − random"]:
             table.add_column(col, justify="right")
         for name, r in strategies.items():
             table.add_row(
                 name, _fmt(r["rounds_to_target"], digits=1), _fmt(r["bytes_to_target"], 1e-6, 1),
                 _fmt(r["sim_time_to_target"], digits=0), _fmt(r["final_accuracy"], pct=True),
-                _fmt(r["accuracy_auc"], pct=True), _fmt(r["final_personal_accuracy"], pct=True),
-                _fmt(r["load_cv"], digits=2), _fmt(r["solve_time"], 1e3, 1),
+                _fmt(r.get("final_perplexity"), digits=2), _fmt(r["accuracy_auc"], pct=True),
+                _fmt(r["final_personal_accuracy"], pct=True), _fmt(r.get("bytes_total"), 1e-6, 0),
+                _fmt(r["load_cv"], digits=2),
                 _fmt(r.get("rounds_to_target_vs_random"), digits=2),
                 _fmt(r.get("accuracy_auc_minus_random"), pct=True),
             )

@@ -28,11 +28,12 @@ from flwr.clientapp import ClientApp
 from fedmoe_flwr import protocol as P
 from fedmoe_flwr.client.helper import expert_evaluate, expert_probe, expert_train, node_profile
 from fedmoe_flwr.client.local_update import train_local
+from fedmoe_flwr.client.width import ordered_dropout_for, sub_width_model
 from fedmoe_flwr.models.evaluate import evaluate
 from fedmoe_flwr.client.node_cache import node_experiment
 from fedmoe_flwr.config import RUN_KEYS, Config, flatten, unflatten
 from fedmoe_flwr.client.compact import model_for_message
-from fedmoe_flwr.experiment import compact_factory, experiment_for
+from fedmoe_flwr.experiment import compact_factory, experiment_for, moe_layout
 from fedmoe_flwr.fleet import device_profile, drops_out, simulate_times
 from fedmoe_flwr.seeding import rng_for
 
@@ -72,7 +73,10 @@ def _unflatten_cached(items: tuple) -> Config:
     return unflatten(dict(items))
 
 
-def _device(cfg: Config, layout, pid: int):
+def _device(cfg: Config, pid: int):
+    # Budgets are counted in the MoE's experts whatever model the strategy trains, so every
+    # strategy (dense and width baselines included) sees the same fleet.
+    layout = moe_layout(cfg)
     tiers = list(cfg.fleet.tiers)
     expert_bytes = max((layout.expert_nbytes(k) for k in layout.expert_keys), default=0)
     return device_profile(pid, cfg.dataset.num_clients, tiers, cfg.seed, expert_bytes, len(layout.expert_keys))
@@ -112,7 +116,7 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         pid = int(context.node_config["partition-id"])
         if simulated_device(context):
             cfg, data, model, layout = experiment_for(cfg)
-            return cfg, data, model, pid, _device(cfg, layout, pid)
+            return cfg, data, model, pid, _device(cfg, pid)
         # A real device: a new process per message, so its partition is kept in context.state.
         cfg, data, model, layout = node_experiment(cfg, context, pid)
         return cfg, data, model, pid, None
@@ -132,7 +136,8 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg, data, model, pid, dev = node(context)
+        cfg, data, skeleton, pid, dev = node(context)
+        model = sub_width_model(msg, skeleton)  # the skeleton itself unless the message is width-sliced
         conf = msg.content[P.CONFIG]
         rnd = int(conf.get("server-round", 0))
         if dev is not None and drops_out(dev, rng_for(cfg.seed, "dropout", rnd, pid)):
@@ -144,7 +149,12 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         torch.manual_seed(int(rng_for(cfg.seed, "torch", rnd, pid).integers(2**31)))
 
         def train_fn(m):
-            r = train_local(
+            with ordered_dropout_for(msg, m, skeleton, rng_for(cfg.seed, "ordered-dropout", rnd, pid)):
+                r = _train(m)
+            return {P.NUM_EXAMPLES: r.num_examples, P.TRAIN_LOSS: r.train_loss, P.EXPERT_LOSS: r.expert_loss}
+
+        def _train(m):
+            return train_local(
                 m, x, y,
                 epochs=epochs,
                 batch_size=int(conf.get("batch-size", t.batch_size)),
@@ -155,8 +165,9 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
                 balance_weight=t.balance_weight,
                 z_weight=t.z_weight,
                 max_batches=t.max_batches,
+                all_positions=t.all_positions,
+                optimizer=t.optimizer,
             )
-            return {P.NUM_EXAMPLES: r.num_examples, P.TRAIN_LOSS: r.train_loss, P.EXPERT_LOSS: r.expert_loss}
 
         def timings(bytes_down, bytes_up, n, _measured):
             return simulate_times(
@@ -172,7 +183,8 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate_personal(msg: Message, context: Context) -> Message:
-        cfg, data, model, pid, dev = node(context)
+        cfg, data, skeleton, pid, dev = node(context)
+        model = sub_width_model(msg, skeleton)
         x, y = data.client_holdout(pid)
         model = _compact(cfg, data, msg, model)
 

@@ -18,6 +18,9 @@ from fedmoe_flwr.models.adapters import model_experts, router_logits
 from fedmoe_flwr.models.evaluate import _per_sample_loss
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass
 class LocalResult:
     """What one local update measured. Per-expert arrays are flat over all expert keys."""
@@ -50,11 +53,20 @@ def train_local(
     balance_weight: float = 0.1,
     z_weight: float = 1e-3,
     max_batches: int | None = None,
+    all_positions: bool = False,
+    optimizer: str = "sgd",
 ) -> LocalResult:
     """Local SGD on ``(x, y)`` with the MoE auxiliary losses and an optional proximal term.
 
     Only parameters that get gradients move, so experts masked out stay bit-identical.
+    ``all_positions``: for a next-char LM (``x`` [n, T] ids, ``y`` [n] the next id), the loss
+    covers every position of the window (targets ``x[:, 1:]`` then ``y``), as char-LMs are
+    usually trained, instead of the last position only. ``optimizer``: ``"sgd"`` (with
+    ``momentum``) or ``"adam"`` (a fresh Adam each call; parameters without a gradient, such
+    as masked experts, are skipped by both).
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {sorted(OPTIMIZERS)}")
     layers = moe_layers(model)
     # Expert keys come from the adapters (any MoE); per-expert loss is attributed through
     # fedmoe's own MoELayer statistics only (other models report NaN for it).
@@ -68,7 +80,8 @@ def train_local(
     # A compact model's absent experts are parameters on the meta device: nothing to train.
     params = [p for p in model.parameters() if not p.is_meta]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(params, lr=lr, momentum=momentum))
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     model.train()
     total, seen = 0.0, 0
@@ -79,6 +92,8 @@ def train_local(
             # once per use (transformers' expert loop indexes a fused weight per expert).
             with parametrize.cached():
                 logits = model(xb)
+                if all_positions and logits.dim() == 3 and yb.dim() == 1:
+                    yb = torch.cat([xb[:, 1:], yb[:, None]], dim=1)  # [B, T]: each position's next id
                 per_sample = _per_sample_loss(logits, yb)  # [B]
                 loss = per_sample.mean() + aux_loss(model, balance_weight, z_weight)
                 if anchor is not None:

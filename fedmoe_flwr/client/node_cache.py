@@ -55,12 +55,12 @@ def config_digest(cfg: Config) -> str:
 @lru_cache(maxsize=4)
 def _model(flat_items: tuple, input_shape: tuple, num_classes: int):
     from fedmoe_flwr.config import unflatten
-    from fedmoe_flwr.experiment import build
+    from fedmoe_flwr.experiment import build_for_strategy
     from fedmoe_flwr.models import param_layout
 
     cfg = unflatten(dict(flat_items))
     stub = NodeData(-1, (np.zeros(0), np.zeros(0)), (np.zeros(0), np.zeros(0)), input_shape, num_classes)
-    model = build(cfg, stub, dense=cfg.strategy.name.value == "dense")
+    model = build_for_strategy(cfg, stub)
     return model, param_layout(model)
 
 

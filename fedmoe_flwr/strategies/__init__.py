@@ -9,11 +9,18 @@ from fedmoe_flwr.core import AssignmentProblem, FitnessSettings
 from fedmoe_flwr.strategies.aligned import AlignedStrategy
 from fedmoe_flwr.strategies.base import ExpertStrategy
 from fedmoe_flwr.strategies.dense import DenseFedAvg
+from fedmoe_flwr.strategies.dense_large import DenseLargeExclusive
+from fedmoe_flwr.strategies.dense_small import DenseSmallFedAvg
+from fedmoe_flwr.strategies.fedrolex import FedRolex
+from fedmoe_flwr.strategies.fjord import FjORD
 from fedmoe_flwr.strategies.flex import FlexStrategy
 from fedmoe_flwr.strategies.full import FullStrategy
 from fedmoe_flwr.strategies.greedy import GreedyStrategy
+from fedmoe_flwr.strategies.heterofl import HeteroFL
 from fedmoe_flwr.strategies.random import RandomStrategy
 from fedmoe_flwr.strategies.record import RoundLog
+from fedmoe_flwr.strategies.rolling import RollingStrategy
+from fedmoe_flwr.strategies.width import WidthFedAvg
 
 STRATEGIES = {
     "aligned": AlignedStrategy,
@@ -22,7 +29,14 @@ STRATEGIES = {
     "random": RandomStrategy,
     "full": FullStrategy,
     "dense": DenseFedAvg,
+    "rolling": RollingStrategy,
+    "dense-small": DenseSmallFedAvg,
+    "dense-large-exclusive": DenseLargeExclusive,
+    "heterofl": HeteroFL,
+    "fjord": FjORD,
+    "fedrolex": FedRolex,
 }
 
-__all__ = ["STRATEGIES", "AlignedStrategy", "AssignmentProblem", "DenseFedAvg", "ExpertStrategy", "FitnessSettings",
-           "FlexStrategy", "FullStrategy", "GreedyStrategy", "RandomStrategy", "RoundLog"]
+__all__ = ["STRATEGIES", "AlignedStrategy", "AssignmentProblem", "DenseFedAvg", "DenseLargeExclusive", "DenseSmallFedAvg",
+           "ExpertStrategy", "FedRolex", "FitnessSettings", "FjORD", "FlexStrategy", "FullStrategy", "GreedyStrategy",
+           "HeteroFL", "RandomStrategy", "RollingStrategy", "RoundLog", "WidthFedAvg"]

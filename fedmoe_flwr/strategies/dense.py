@@ -35,6 +35,8 @@ class DenseFedAvg(FedAvg):
     def __init__(self, *, seed: int = 0, deadline_s: float | None = None, train_config: dict | None = None,
                  evaluate_every: int = 1, **kwargs):
         kwargs.setdefault("weighted_by_key", P.NUM_EXAMPLES)
+        # FedAvg fills in its own default; only a user's function replaces the personal_ metrics
+        self._personal_aggr_fn = kwargs.get("evaluate_metrics_aggr_fn")
         super().__init__(**kwargs)
         self.evaluate_every = max(1, int(evaluate_every))
         self.seed = seed
@@ -57,7 +59,9 @@ class DenseFedAvg(FedAvg):
         self.last = RoundLog()
         return [Message(record, dst_node_id=n, message_type=MessageType.TRAIN) for n in cohort]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def accept_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[tuple[float, int]], int]:
+        """``(in-time replies, (seconds, bytes up) of each, number dropped)``: errors, malformed
+        reports and replies slower than the deadline are dropped."""
         replies = list(replies)
         in_time, accepted, dropped = [], [], len(self._bytes_down) - len(replies)
         for m in replies:
@@ -73,17 +77,25 @@ class DenseFedAvg(FedAvg):
                 continue
             in_time.append(m)
             accepted.append((secs, P.record_nbytes(m.content[self.arrayrecord_key])))
+        return in_time, accepted, dropped
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        in_time, accepted, dropped = self.accept_replies(replies)
         arrays, metrics = super().aggregate_train(server_round, in_time)
+        self.account(accepted, dropped, len(in_time))
+        return arrays, metrics
+
+    def account(self, accepted: list[tuple[float, int]], dropped: int, aggregated: int) -> None:
+        """The round's bytes and simulated time (:func:`fedmoe_flwr.core.round_cost`) into :attr:`last`."""
         cost = core.round_cost(self._bytes_down, accepted, self.deadline_s, incomplete=dropped > 0)
         self.bytes_total += cost.bytes_down + cost.bytes_up
         self.sim_time_total += cost.sim_time_s
         self.last.metrics.update({
             "bytes_down": float(cost.bytes_down), "bytes_up": float(cost.bytes_up), "bytes_total": float(self.bytes_total),
             "sim_round_time_s": cost.sim_time_s, "sim_time_total_s": self.sim_time_total,
-            "num_sent": float(len(self._bytes_down)), "num_aggregated": float(len(in_time)), "num_dropped": float(dropped),
+            "num_sent": float(len(self._bytes_down)), "num_aggregated": float(aggregated), "num_dropped": float(dropped),
             "num_rejected": 0.0, "load_cv": 0.0, "solve_time_s": 0.0,
         })
-        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate <= 0 or server_round % self.evaluate_every:
@@ -93,7 +105,7 @@ class DenseFedAvg(FedAvg):
         return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in cohort]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        record, server = personal_metrics(list(replies), self.evaluate_metrics_aggr_fn)
+        record, server = personal_metrics(list(replies), self._personal_aggr_fn)
         self.last.metrics.update(server)
         return record
 
