@@ -31,7 +31,7 @@ def main(dcfg: DictConfig) -> float | None:
     cfg = to_config(dcfg)
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
-    if cfg.resume:  # continue the checkpointed run's config (see fedmoe_flwr/checkpoint.py)
+    if cfg.resume:  # continue the checkpointed run's config (see fedmoe_flwr/checkpoint/)
         from fedmoe_flwr.checkpoint import resume_config, save_resolved_config
 
         cfg = resume_config(out_dir, cfg, list(hc.overrides.task))

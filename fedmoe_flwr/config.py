@@ -196,7 +196,7 @@ class Config:
     verbose: bool = False  # keep Flower's per-round INFO log
     targets: list[float] = field(default_factory=list)
     save_model: bool = True
-    # checkpoints, resume, report, tracking (fedmoe_flwr/checkpoint.py, report/, tracking.py)
+    # checkpoints, resume, report, tracking (fedmoe_flwr/checkpoint/, report/, tracking.py)
     checkpoint_every: int = 5  # rounds between checkpoints (and after the last); 0 = none
     checkpoint_keep: int = 2  # newest complete checkpoints kept
     resume: bool = False  # continue from the run directory's last good checkpoint
