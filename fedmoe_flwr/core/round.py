@@ -318,6 +318,8 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         observations[cid] = {**measured, "completed": not late}
 
     accepted = _check_directions(accepted, params, layout, settings.robust.min_agreement, rejected)
+    for cid in rejected:  # a reply the direction check rejected did not complete the round either
+        observations[cid] = {**observations.get(cid, {}), "completed": False}
     new_params, noise = None, {}
     updates = _trusted_updates(accepted, inputs, layout, settings)
     aggregated = _dp_weights(updates, settings)
