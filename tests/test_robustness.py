@@ -272,3 +272,20 @@ def test_cap_shares_never_raises_a_weight_even_when_the_level_underflows():
     out = core.robust.cap_shares(np.array([1.0, 5e-324]), 1.0)
     assert (out <= np.array([1.0, 5e-324])).all() and out[0] == out[1]
     np.testing.assert_allclose(core.robust.cap_shares(np.array([8.0, 1.0, 1.0]), 2.0), [4.0, 1.0, 1.0])  # 4/6 = 2/3
+
+
+def test_a_pace_every_reply_missed_falls_back_to_the_deadline():
+    """The drop-in finding: a predicted pace that no reply meets must not drop the round."""
+    def inputs(times, paced=True):
+        received = {f"c{i}": _reply(0.1, [0]) for i in range(len(times))}
+        for r, t in zip(received.values(), times):
+            object.__setattr__(r.report, "train_s", t)
+        sent = {c: core.Sent(c, ("L0.E0",), 100) for c in received}
+        return core.RoundInputs(1, sent, received, close_s=0.1, fallback_close_s=None, paced=paced)
+
+    assert core.effective_close(inputs([3.0, 4.0])) is None, "all slower than the pace: wait for all"
+    assert core.effective_close(inputs([0.05, 4.0])) == 0.1, "one met the pace: the pace holds"
+    assert core.effective_close(inputs([3.0, 4.0], paced=False)) == 0.1, "a deadline is a deadline"
+    state, _, stats = core.apply_round(core.ensure_clients(core.init_state(LAYOUT.expert_keys), ["c0", "c1"])[0],
+                                       GLOBAL, LAYOUT, inputs([3.0, 4.0]), core.RoundSettings())
+    assert stats.accepted == ("c0", "c1") and not stats.dropped

@@ -46,6 +46,7 @@ _HOME = {
     "cohort_time_costs": "profiles",
     "coverage_bounds": "load",
     "dp_problems": "privacy",
+    "effective_close": "round",
     "ensure_client": "state",
     "ensure_clients": "state",
     "expected_names": "validate",

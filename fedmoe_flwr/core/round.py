@@ -84,6 +84,9 @@ class RoundInputs:
     ``failed`` holds clients whose reply was an error (dropped), ``malformed`` those whose
     reply could not be decoded (rejected); a sent client in none of the maps timed out.
     ``close_s`` is when the server stopped waiting (None = it waited for every reply).
+    ``fallback_close_s`` is set when ``close_s`` is a predicted pace rather than the deadline:
+    if every reply is slower than the pace, the prediction was wrong and the round closes at
+    the fallback (the deadline, or None = all replies) instead of dropping every update.
     ``registered`` holds each client's registered data size (the cap of its sample claims).
     ``noise_rng`` draws the differential-privacy noise (seeded by ``(seed, round)``; needed
     only when ``settings.dp`` is on).
@@ -95,6 +98,8 @@ class RoundInputs:
     failed: Mapping[str, str] = field(default_factory=dict)
     malformed: Mapping[str, str] = field(default_factory=dict)
     close_s: float | None = None
+    fallback_close_s: float | None = None
+    paced: bool = False
     registered: Mapping[str, float] = field(default_factory=dict)
     noise_rng: np.random.Generator | None = None
 
@@ -283,6 +288,14 @@ def _client_metrics(reports: list[ClientReport]) -> dict[str, float]:
     return {k: _weighted_mean([r.metrics[k] for r in reports], weights) for k in sorted(keys)}
 
 
+def effective_close(inputs: RoundInputs) -> float | None:
+    """When the round closed: the paced close, unless every reply missed it (then the fallback)."""
+    seconds = [r.report.seconds for r in inputs.received.values()]
+    if inputs.paced and seconds and inputs.close_s is not None and min(seconds) > inputs.close_s:
+        return inputs.fallback_close_s
+    return inputs.close_s
+
+
 def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout: ParamLayout,
                 inputs: RoundInputs, settings: RoundSettings):
     """The server half of one round (module doc). Returns ``(state, new_params | None, stats)``.
@@ -291,6 +304,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     Clients are visited in client-id order, so floating-point sums do not depend on the
     order replies arrived in.
     """
+    close = effective_close(inputs)
     rejected, dropped = dict(inputs.malformed), dict(inputs.failed)
     accepted: list[tuple[str, Received]] = []
     observations: dict[str, dict] = {}
@@ -310,9 +324,9 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         rep = reply.report
         measured = dict(num_samples=rep.num_examples * epochs, train_time_s=rep.train_s, bytes_down=sent.bytes_down,
                         down_time_s=rep.down_s, bytes_up=reply.bytes_up, up_time_s=rep.up_s)
-        late = inputs.close_s is not None and rep.seconds > inputs.close_s
+        late = close is not None and rep.seconds > close
         if late:
-            dropped[cid] = f"missed the deadline ({rep.seconds:.1f} s > {inputs.close_s:.1f} s)"
+            dropped[cid] = f"missed the deadline ({rep.seconds:.1f} s > {close:.1f} s)"
         else:
             accepted.append((cid, reply))
         observations[cid] = {**measured, "completed": not late}
@@ -350,7 +364,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
 
     reports = [r.report for _, r in accepted]
     cost = round_cost([s.bytes_down for s in inputs.sent.values()], [(r.report.seconds, r.bytes_up) for _, r in accepted],
-                      inputs.close_s, incomplete=bool(dropped))
+                      close, incomplete=bool(dropped))
     stats = RoundStats(
         accepted=tuple(cid for cid, _ in accepted), rejected=rejected, dropped=dropped,
         bytes_down=cost.bytes_down, bytes_up=cost.bytes_up, sim_time_s=cost.sim_time_s,

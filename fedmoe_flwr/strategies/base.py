@@ -383,15 +383,15 @@ class ExpertStrategy(Strategy):
                 received[cid] = core.Received(P.decode_arrays(msg.content), report, P.record_nbytes(msg.content[P.ARRAYS]))
             except P.ProtocolError as ex:
                 malformed[cid] = f"malformed reply: {ex}"
-        close = self._cohort.close_s
-        if self._cohort.paced and received and all(r.report.seconds > close for r in received.values()):
-            log(WARNING, "round %d: every reply was slower than the predicted pace (%.1f s); waiting for %s instead",
-                rnd, close, "the deadline" if self.deadline_s is not None else "all replies")
-            close = self.deadline_s
         sent = {s.client_id: s for s in self._cohort.sent.values()}
         noise_rng = rng_for(self.seed, "dp-noise", rnd) if self.privacy is not None else None
-        return core.RoundInputs(rnd, sent, received, failed, malformed, close, registered=self.num_examples,
-                                noise_rng=noise_rng), contents
+        inputs = core.RoundInputs(rnd, sent, received, failed, malformed, self._cohort.close_s,
+                                  fallback_close_s=self.deadline_s, paced=self._cohort.paced,
+                                  registered=self.num_examples, noise_rng=noise_rng)
+        if core.effective_close(inputs) != inputs.close_s:
+            log(WARNING, "round %d: every reply was slower than the predicted pace (%.1f s); waiting for %s instead",
+                rnd, inputs.close_s, "the deadline" if self.deadline_s is not None else "all replies")
+        return inputs, contents
 
     def _client_metrics(self, stats: core.RoundStats, contents: dict) -> MetricRecord:
         """Aggregated ClientApp-side train metrics: the train loss and the user's own scalars."""
