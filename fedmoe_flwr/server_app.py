@@ -60,7 +60,12 @@ def build_strategy(cfg: Config, layout):
         return cls(**common, **settings, min_available_nodes=1, min_evaluate_nodes=1)
     fitness, robust, dp = (kind(**{f.name: getattr(s, f.name) for f in dataclasses.fields(kind)})
                            for kind in (FitnessSettings, RobustSettings, DPSettings))
-    return cls(layout, **common, **settings, fitness=fitness, robust=robust, dp=dp)
+    reference_fn = None
+    if robust.trust_samples > 0:  # the server's own update on its root sample (docs/robustness.md#trust)
+        from fedmoe_flwr.server_reference import root_reference
+
+        reference_fn = root_reference(cfg, experiment_for(cfg)[1])
+    return cls(layout, **common, **settings, fitness=fitness, robust=robust, dp=dp, reference_fn=reference_fn)
 
 
 class RunRecorder:

@@ -232,7 +232,8 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     ``expert_keys``, ``assignment`` (client id -> expert keys sent), ``dropped`` and
     ``rejected`` (client id -> reason), ``expert_clients`` and ``expert_tokens`` (per expert,
     this round's aggregated updates), ``weights`` (client id -> ``shared`` and expert key ->
-    the aggregation weight the server gave it, after the robust caps), ``tiers`` (client id -> device tier, on the first row
+    the aggregation weight the server gave it, after the robust caps), ``trust`` (client id ->
+    the cosine of its delta with the server's reference update, when the trust check ran), ``tiers`` (client id -> device tier, on the first row
     and whenever it changed since ``tiers_known``), ``fitness`` (``clients`` in row order and
     ``Q`` rounded to 5 decimals; every round for small fleets, else every 10th and the final;
     at most :data:`FITNESS_MAX_CLIENTS` clients, evenly spaced in row order).
@@ -248,6 +249,9 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     row["expert_tokens"] = [float(v) for v in state.load.tokens_last]
     weights = getattr(last, "weights", None) or {}
     row["weights"] = {str(c): {k: _clean(round(float(v), 6)) for k, v in w.items()} for c, w in weights.items()}
+    trust = getattr(last, "trust", None) or {}
+    if trust:
+        row["trust"] = {str(c): _clean(round(float(v), 4)) for c, v in trust.items()}
     tiers = {str(c): (p.compute_tier or "") for c, p in state.profiles.items()}
     if tiers != (tiers_known or {}):
         row["tiers"] = tiers

@@ -42,6 +42,7 @@ def fault_config() -> Config:
     cfg.strategy.fraction_train = 1.0  # every node trains every round
     cfg.strategy.pace_margin = 0.0
     cfg.strategy.norm_bound = NORM_BOUND
+    cfg.strategy.trust_samples = 0  # these tests count exact aggregations; the trust check has tests/test_trust.py
     cfg.fleet.deadline_s = None
     cfg.fleet.jitter = 0.0
     # every device holds 2 of the 4 experts, so an update can carry an expert it was not sent

@@ -22,7 +22,7 @@ RANK = {
     "models": 3, "data": 3,
     "fleet": 4, "experiment": 4,
     "client": 5, "strategies": 5,
-    "recording": 6, "deployment_grid": 6, "tracking": 6, "checkpoint": 6, "outputs": 6, "progress": 6, "sim": 6, "server_app": 6,
+    "recording": 6, "deployment_grid": 6, "tracking": 6, "checkpoint": 6, "outputs": 6, "progress": 6, "sim": 6, "server_app": 6, "server_reference": 6,
     "simulation": 7, "report": 7,
     "deploy": 8, "bench": 8,
 }

@@ -21,6 +21,9 @@ def small_config(strategy="aligned", **over) -> Config:
     cfg.model.num_experts = 8
     cfg.strategy.name = strategy
     cfg.strategy.fraction_train = 0.6
+    # tests of other mechanisms count exact aggregations; the trust check (which refuses honest
+    # updates that point away from the server's root update) has tests/test_trust.py
+    cfg.strategy.trust_samples = 0
     cfg.fleet.deadline_s = None
     cfg.fleet.tiers = [
         TierConfig(name="small", fraction=0.4, max_experts=2, samples_per_s=100, uplink_mbps=1, downlink_mbps=4),

@@ -12,7 +12,11 @@ check (docs/robustness.md#robustness).
   with the round's coordinate-wise median delta (cosine) less than ``min_agreement`` times
   as well as the median client does is not aggregated (a sign flip has an ordinary norm);
 - signals: routing histograms and gate shares must be distributions per layer, and a
-  client whose histogram contradicts the tokens it routed loses its fitness update.
+  client whose histogram contradicts the tokens it routed loses its fitness update;
+- trust (``trust_samples > 0`` and a reference update, as FLTrust): the server trains the
+  round's global model on its own small root sample; a client whose delta points away from
+  that reference update (cosine <= 0) is not aggregated, and one that agrees less than the
+  round's median client has its weights scaled down by ``cosine / median``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class RobustSettings:
     sample_drift: float = 0.5  # claimed samples <= registered data size * (1 + drift)
     min_consistency: float = 0.5  # fitness ignores a client whose histogram contradicts its tokens
     min_agreement: float = 0.0  # reject a client whose cosine with the median delta < this x the median client's; 0 = off
+    trust_samples: int = 100  # root samples of the server's reference update (FLTrust); 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -47,6 +52,8 @@ class RobustSettings:
             raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement!r}")
+        if self.trust_samples < 0:
+            raise ValueError(f"trust_samples must be >= 0, got {self.trust_samples!r}")
         if self.clip == "fixed" and not (self.clip_norm is not None and self.clip_norm > 0):
             raise ValueError(f"clip=fixed needs clip_norm > 0, got {self.clip_norm!r}")
 
@@ -146,6 +153,29 @@ MAX_DIRECTION_COORDS = 1_000_000
 """Coordinates the direction check compares at most (an even stride over larger deltas)."""
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norm = float(np.linalg.norm(a)) * float(np.linalg.norm(b))
+    return float(a @ b / norm) if norm > 0 else 0.0
+
+
+def trust_factors(cosines: Mapping[str, float]) -> dict[str, float]:
+    """Each client's weight factor from its cosine with the server's reference update.
+
+    ``min(1, max(0, cos) / median cos)``: a client pointing away from the reference (a sign
+    flip, a replacement in another direction) gets 0, one that agrees at least as well as
+    the round's median client keeps its whole weight, the rest in proportion (FLTrust
+    weighs by ``max(0, cos)`` alone; relative to the median, honest non-IID clients far from
+    the root sample's labels are damped, not silenced). A median <= 0 (most clients point
+    away): 1 for a positive cosine, else 0.
+    """
+    if not cosines:
+        return {}
+    median = float(np.median(list(cosines.values())))
+    if median <= 0:
+        return {c: float(v > 0) for c, v in cosines.items()}
+    return {c: float(min(1.0, max(0.0, v) / median)) for c, v in cosines.items()}
+
+
 def direction_scores(deltas: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Each client's cosine with the coordinate-wise median of all clients' deltas.
 
@@ -160,9 +190,19 @@ def direction_scores(deltas: Mapping[str, np.ndarray]) -> dict[str, float]:
     step = max(1, -(-n // MAX_DIRECTION_COORDS))
     stack = np.stack([np.asarray(deltas[c], dtype=np.float64)[::step] for c in ids])
     ref = np.median(stack, axis=0)
-    ref_norm = float(np.linalg.norm(ref))
-    out = {}
-    for c, d in zip(ids, stack):
-        norm = float(np.linalg.norm(d)) * ref_norm
-        out[c] = float(d @ ref / norm) if norm > 0 else 0.0
-    return out
+    return {c: _cosine(d, ref) for c, d in zip(ids, stack)}
+
+
+def reference_cosine(delta: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """The cosine of a client's delta with the server's reference delta over the tensors the
+    client returned (its shared tensors and its experts; tensors the reference lacks are
+    left out). Larger deltas are compared on an even stride of at most
+    :data:`MAX_DIRECTION_COORDS` coordinates."""
+    names = sorted(n for n in delta if n in reference)
+    if not names:
+        return 0.0
+    n = sum(int(np.size(delta[k])) for k in names)
+    step = max(1, -(-n // MAX_DIRECTION_COORDS))
+    a = np.concatenate([np.asarray(delta[k], np.float64).ravel() for k in names])[::step]
+    b = np.concatenate([np.asarray(reference[k], np.float64).ravel() for k in names])[::step]
+    return _cosine(a, b)

@@ -6,8 +6,8 @@ style of fedjax's ``apply``: the Flower adapter decodes the replies
 below, in this order:
 
 1. classify each cohort client: no reply or an error -> dropped; an update that fails
-   validation -> rejected (with its reason); a reply slower than the round's close ->
-   dropped; else accepted;
+   validation, or points away from the server's reference update -> rejected (with its
+   reason); a reply slower than the round's close -> dropped; else accepted;
 2. aggregate the accepted updates per expert and take the server-optimizer step;
 3. fold the round into profiles (every cohort client), fitness (accepted clients) and load;
 4. account bytes and simulated time (:func:`~fedmoe_flwr.core.accounting.round_cost`).
@@ -28,8 +28,8 @@ from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
 from .privacy import SHARED, DPSettings, add_group_noise
 from .profiles import update_profiles
-from .robust import (RobustSettings, cap_shares, direction_scores, median_norm, signal_consistency, signal_problem,
-                     token_weights, trusted_samples)
+from .robust import (RobustSettings, cap_shares, direction_scores, median_norm, reference_cosine, signal_consistency,
+                     signal_problem, token_weights, trust_factors, trusted_samples)
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
 
@@ -89,7 +89,10 @@ class RoundInputs:
     the fallback (the deadline, or None = all replies) instead of dropping every update.
     ``registered`` holds each client's registered data size (the cap of its sample claims).
     ``noise_rng`` draws the differential-privacy noise (seeded by ``(seed, round)``; needed
-    only when ``settings.dp`` is on).
+    only when ``settings.dp`` is on). ``reference`` is the server's own delta (trained minus
+    global) on its root sample from the round's global parameters, by tensor name; with
+    ``settings.robust.trust_samples > 0`` it weighs each client by its agreement
+    (:func:`~fedmoe_flwr.core.robust.trust_factors`); None = no trust weighting.
     """
 
     round: int
@@ -102,6 +105,7 @@ class RoundInputs:
     paced: bool = False
     registered: Mapping[str, float] = field(default_factory=dict)
     noise_rng: np.random.Generator | None = None
+    reference: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class RoundStats:
     # client id -> the weights the server gave it (after the robust caps): "shared" (its
     # samples) and each held expert key (its tokens); what an audit of influence reads
     weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    trust: dict[str, float] = field(default_factory=dict)  # client id -> cosine with the reference update
     noise_std: dict[str, float] = field(default_factory=dict)  # DP noise std per group ("shared", expert keys)
 
     def metrics(self, state: AlignmentState) -> dict[str, float]:
@@ -198,13 +203,14 @@ def check_reply(reply: Received, sent: Sent, params: Mapping[str, np.ndarray], l
 
 
 def _trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, layout: ParamLayout,
-                     settings: RoundSettings) -> list[ClientUpdate]:
-    """The accepted replies with the weights the server can defend (:mod:`.robust`)."""
+                     settings: RoundSettings, trust: Mapping[str, float]) -> list[ClientUpdate]:
+    """The accepted replies with the weights the server can defend (:mod:`.robust`);
+    ``trust`` scales a client's samples before the share caps (absent = 1)."""
     keys, layer_of = layout.expert_keys, layout.layer_of
     if not accepted:
         return []
     samples = np.array([trusted_samples(r.report.num_examples, inputs.registered.get(cid), settings.robust.sample_drift)
-                        for cid, r in accepted])
+                        * trust.get(cid, 1.0) for cid, r in accepted])
     held = np.array([[k in inputs.sent[cid].experts for k in keys] for cid, _ in accepted], dtype=bool)
     tok = np.array([token_weights(r.report.tokens, n, layer_of, h) for (_, r), n, h in zip(accepted, samples, held)])
     for k in range(len(keys)):  # no client above max_share of an expert's weight
@@ -248,6 +254,23 @@ def _check_directions(accepted: list[tuple[str, Received]], params: Mapping[str,
         if scores[cid] < bound:
             rejected[cid] = f"update disagrees with the round's median delta (cosine {scores[cid]:.2f} < {bound:.2f})"
     return [(cid, r) for cid, r in accepted if scores[cid] >= bound]
+
+
+def _check_trust(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray],
+                 reference: Mapping[str, np.ndarray] | None, rejected: dict[str, str]):
+    """``(kept, factors, cosines)``: each accepted reply's cosine with the server's reference
+    update; those at a factor of 0 (pointing away from it) go to ``rejected`` with their
+    cosine, the others keep their factor (:func:`~fedmoe_flwr.core.robust.trust_factors`).
+    No reference: everything kept at factor 1."""
+    if reference is None or not accepted:
+        return accepted, {}, {}
+    cosines = {cid: reference_cosine({n: np.asarray(a, np.float64) - params[n] for n, a in r.params.items()}, reference)
+               for cid, r in accepted}
+    factors = trust_factors(cosines)
+    for cid, _ in accepted:
+        if factors[cid] <= 0:
+            rejected[cid] = f"update points away from the server's reference update (cosine {cosines[cid]:.2f})"
+    return [(cid, r) for cid, r in accepted if factors[cid] > 0], factors, cosines
 
 
 def _dp_weights(updates: list[ClientUpdate], settings: RoundSettings) -> list[ClientUpdate]:
@@ -334,8 +357,11 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     accepted = _check_directions(accepted, params, layout, settings.robust.min_agreement, rejected)
     for cid in rejected:  # a reply the direction check rejected did not complete the round either
         observations[cid] = {**observations.get(cid, {}), "completed": False}
+    # one the trust check refuses did its work in time: its profile (reliability) is unchanged
+    reference = inputs.reference if settings.robust.trust_samples > 0 else None
+    accepted, trust, cosines = _check_trust(accepted, params, reference, rejected)
     new_params, noise = None, {}
-    updates = _trusted_updates(accepted, inputs, layout, settings)
+    updates = _trusted_updates(accepted, inputs, layout, settings, trust)
     aggregated = _dp_weights(updates, settings)
     if updates:
         _, delta, agg = aggregate_experts(dict(params), aggregated, layout,
@@ -371,6 +397,6 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         train_loss=_weighted_mean([r.train_loss for r in reports], [float(r.num_examples) for r in reports]),
         client_metrics=_client_metrics(reports),
         weights={u.client_id: {"shared": float(u.num_samples), **u.tokens} for u in aggregated},
-        noise_std=noise,
+        trust=cosines, noise_std=noise,
     )
     return state, new_params, stats

@@ -105,6 +105,19 @@ class FederatedData:
         i = self._check(i)
         return None if self.client_domains is None else int(self.client_domains[i])
 
+    def root_sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` samples drawn uniformly from the union of the clients' train splits (seeded),
+        each with its client's domain transform: the server's small clean root set, sampled
+        as FLTrust's evaluation does (Cao et al., NDSS 2021). All of them when ``n`` exceeds it."""
+        if int(n) < 1:
+            raise ValueError(f"a root sample needs n >= 1, got {n}")
+        owner = np.concatenate([np.full(len(t), i) for i, t in enumerate(self.train_indices)])
+        index = np.concatenate(self.train_indices)
+        rng = np.random.default_rng([int(seed), 0x2007])
+        pick = np.sort(rng.choice(len(index), min(int(n), len(index)), replace=False))
+        parts = [self._view(int(i), index[pick[owner[pick] == i]]) for i in np.unique(owner[pick])]
+        return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
     @cached_property
     def test(self) -> tuple[np.ndarray, np.ndarray]:
         """The global test set (x, y), every domain represented; built once and cached."""

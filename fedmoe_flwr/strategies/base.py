@@ -79,6 +79,12 @@ class ExpertStrategy(Strategy):
         lora_aggregation: how LoRA adapters (the layout's ``lora_pairs``) aggregate:
             ``"product"`` (the best rank-r fit of the mean of B @ A) or ``"factors"`` (A and B
             averaged separately, biased; for comparison). See docs/models.md#lora.
+        reference_fn: ``(global_params, server_round) -> trained_params`` (dicts of numpy
+            arrays by wire name): the server's own local update on its small root sample
+            (FLTrust). With ``robust.trust_samples > 0`` each client is weighed by its
+            delta's agreement with this one (docs/robustness.md#trust); None = no trust
+            weighting. :func:`fedmoe_flwr.server_reference.root_reference` builds one for
+            the shipped models.
     """
 
     name = "expert"
@@ -107,6 +113,7 @@ class ExpertStrategy(Strategy):
         query_timeout: float = 600.0,
         evaluate_every: int = 1,
         lora_aggregation: str = "product",
+        reference_fn: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]] | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -127,6 +134,7 @@ class ExpertStrategy(Strategy):
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
         self.query_timeout = query_timeout
         self.evaluate_every = max(1, int(evaluate_every))
+        self.reference_fn = reference_fn
         robust, dp = robust or core.RobustSettings(), dp or core.DPSettings()
         problems = core.dp_problems(dp, robust)
         if problems:
@@ -212,6 +220,7 @@ class ExpertStrategy(Strategy):
         """Decode the replies, apply the round in the core, return the new model and client metrics."""
         t0 = time.perf_counter()
         inputs, contents = self._decode_train_replies(server_round, replies)
+        inputs = replace(inputs, reference=self._reference(server_round, inputs))
         self.state, new_params, stats = core.apply_round(self.state, self._global, self.layout, inputs, self.settings)
         for cid in stats.accepted:  # the server learns a node's data size from its replies
             self.num_examples.setdefault(cid, inputs.received[cid].report.num_examples)
@@ -393,6 +402,13 @@ class ExpertStrategy(Strategy):
                 rnd, inputs.close_s, "the deadline" if self.deadline_s is not None else "all replies")
         return inputs, contents
 
+    def _reference(self, rnd: int, inputs: core.RoundInputs) -> dict[str, np.ndarray] | None:
+        """The server's reference delta for the trust check, when it has replies to check."""
+        if self.reference_fn is None or self.settings.robust.trust_samples <= 0 or not inputs.received:
+            return None
+        trained = self.reference_fn(self._global, rnd)
+        return {n: np.asarray(a, np.float64) - self._global[n] for n, a in trained.items() if n in self._global}
+
     def _client_metrics(self, stats: core.RoundStats, contents: dict) -> MetricRecord:
         """Aggregated ClientApp-side train metrics: the train loss and the user's own scalars."""
         if self.train_metrics_aggr_fn is not None:
@@ -419,4 +435,5 @@ class ExpertStrategy(Strategy):
         self.last.metrics.update(stats.metrics(self.state))
         self.last.metrics.update(bytes_total=float(self.bytes_total), sim_time_total_s=self.sim_time_total,
                                  num_sent=float(len(self._cohort.sent)), aggregate_time_s=time.perf_counter() - t0)
-        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected), weights=dict(stats.weights))
+        self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected), weights=dict(stats.weights),
+                            trust=dict(stats.trust))

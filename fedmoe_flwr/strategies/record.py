@@ -18,3 +18,4 @@ class RoundLog:
     rejected: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     weights: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> "shared"/expert key -> weight
+    trust: dict[str, float] = field(default_factory=dict)  # client -> cosine with the server's reference update

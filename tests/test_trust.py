@@ -1,0 +1,133 @@
+"""The trust check (docs/robustness.md#trust): the server's reference update on its root
+sample weighs every client by how well its delta agrees with it (FLTrust)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmoe_flwr import core
+from fedmoe_flwr.bench.attackers import AttackPlan, attacked_client_app, choose_malicious
+from fedmoe_flwr.client.app import make_client_app
+from fedmoe_flwr.config import flatten
+from fedmoe_flwr.core.robust import reference_cosine, trust_factors
+from fedmoe_flwr.experiment import experiment_for
+from fedmoe_flwr.server_reference import root_reference
+from fedmoe_flwr.sim import LocalGrid
+from tests.test_robustness import GLOBAL, LAYOUT, _reply
+from tests.test_strategy import build_setup, small_config
+
+
+def _round(replies: dict, reference, **robust):
+    state, _ = core.ensure_clients(core.init_state(LAYOUT.expert_keys), list(replies))
+    sent = {c: core.Sent(c, tuple(f"L0.E{e}" for e in ex), 100) for c, (r, ex) in replies.items()}
+    inputs = core.RoundInputs(1, sent, {c: r for c, (r, _) in replies.items()}, registered={c: 100 for c in replies},
+                              reference=reference)
+    return core.apply_round(state, GLOBAL, LAYOUT, inputs, core.RoundSettings(robust=core.RobustSettings(**robust)))
+
+
+def test_a_sign_flipped_update_is_rejected_and_a_weak_one_damped():
+    ref = {n: np.ones_like(a) for n, a in GLOBAL.items()}
+    honest = {f"h{i}": (_reply(0.1, [0, 1]), [0, 1]) for i in range(4)}
+    weak = _reply(0.1, [0, 1])  # agrees on the expert, not on the shared tensors
+    weak.params["w"][:] = [0.1, -0.1, -0.1]
+    replies = {**honest, "weak": (weak, [0, 1]), "evil": (_reply(-0.1, [0, 1]), [0, 1])}
+    _, new, stats = _round(replies, ref)
+    assert "evil" in stats.rejected and "reference" in stats.rejected["evil"]
+    assert stats.trust["evil"] == pytest.approx(-1.0) and stats.trust["h0"] == pytest.approx(1.0)
+    assert 0 < stats.trust["weak"] < 1 and "weak" in stats.accepted
+    assert stats.weights["weak"]["shared"] == pytest.approx(100 * stats.trust["weak"])
+    assert stats.weights["h0"]["shared"] == pytest.approx(100)
+    assert new["w"].min() > 0 and new["e0"].min() > 0
+    _, _, off = _round(replies, ref, trust_samples=0)
+    assert "evil" in off.accepted and not off.trust, "trust_samples=0 switches the check off"
+    _, _, none = _round(replies, None)
+    assert "evil" in none.accepted, "no reference, no check"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=4), st.floats(-1, 1), min_size=1, max_size=20))
+def test_trust_factors_are_in_unit_range_zero_when_pointing_away_and_monotone(cosines):
+    f = trust_factors(cosines)
+    assert set(f) == set(cosines)
+    assert all(0.0 <= v <= 1.0 for v in f.values())
+    assert all(f[c] == 0.0 for c, v in cosines.items() if v <= 0)
+    median = float(np.median(list(cosines.values())))
+    assert all(f[c] == 1.0 for c, v in cosines.items() if v >= median and v > 0)
+    order = sorted(cosines, key=cosines.get)
+    assert all(f[a] <= f[b] for a, b in zip(order, order[1:]))
+
+
+@given(st.integers(0, 2**31), st.floats(0.01, 100))
+def test_reference_cosine_is_a_cosine_over_the_common_tensors(seed, scale):
+    rng = np.random.default_rng(seed)
+    ref = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5), "only-ref": rng.normal(size=2)}
+    delta = {"a": ref["a"] * scale, "b": ref["b"] * scale, "only-client": rng.normal(size=7)}
+    assert reference_cosine(delta, ref) == pytest.approx(1.0)
+    assert reference_cosine({k: -v for k, v in delta.items()}, ref) == pytest.approx(-1.0)
+    assert reference_cosine({"x": np.ones(3)}, ref) == 0.0
+
+
+def test_root_sample_is_seeded_and_drawn_from_the_clients_training_data():
+    cfg, data, _, _ = experiment_for(small_config())
+    x, y = data.root_sample(50, seed=3)
+    x2, y2 = data.root_sample(50, seed=3)
+    assert x.shape[0] == 50 and np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert not np.array_equal(x, data.root_sample(50, seed=4)[0])
+    rows = {r.tobytes() for i in range(data.num_clients) for r in data.client_train(i)[0]}
+    assert all(r.tobytes() in rows for r in x)
+    assert len(data.root_sample(10**9, seed=0)[0]) == int(data.train_sizes.sum())
+
+
+def test_trust_is_on_by_default_for_the_shipped_models():
+    from fedmoe_flwr.config import Config, StrategyName
+    from fedmoe_flwr.server_app import build_strategy
+
+    cfg = Config()
+    assert cfg.strategy.trust_samples == 100
+    for name in ("aligned", "random", "full"):
+        cfg.strategy.name = StrategyName(name)
+        assert build_strategy(cfg, experiment_for(cfg)[3]).reference_fn is not None, name
+    cfg.strategy.trust_samples = 0
+    assert build_strategy(cfg, experiment_for(cfg)[3]).reference_fn is None
+
+
+def test_root_reference_is_reproducible_and_leaves_its_input_alone():
+    cfg = small_config()
+    cfg.strategy.trust_samples = 100
+    cfg, data, model, _ = experiment_for(cfg)
+    params = {n: v.numpy().copy() for n, v in model.state_dict().items()}
+    before = {n: a.copy() for n, a in params.items()}
+    ref = root_reference(cfg, data)
+    a, b = ref(params, 3), ref(params, 3)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    assert all(np.array_equal(params[n], before[n]) for n in params)
+    assert any(not np.array_equal(a[n], params[n]) for n in a), "the reference update trains"
+
+
+def test_sign_flipping_clients_are_rejected_by_the_strategy_in_a_real_round():
+    """The real ClientApp and strategy: the malicious nodes' flipped updates are refused by the
+    trust check while honest ones are aggregated."""
+    cfg = small_config(fraction_train=1.0)
+    cfg.strategy.trust_samples = 100  # the default
+    cfg, _, _, layout = experiment_for(cfg)
+    malicious = choose_malicious(cfg.dataset.num_clients, 0.3, cfg.seed)
+    plan = AttackPlan("sign_flip", malicious, tuple(layout.expert_keys), cohort_size=cfg.dataset.num_clients,
+                      seed=cfg.seed)
+    grid = LocalGrid(attacked_client_app(make_client_app(flatten(cfg)), plan), cfg.dataset.num_clients, seed=cfg.seed)
+    _, _, _, strat, arrays = build_setup(cfg=cfg)
+    assert strat.reference_fn is not None
+    refused = 0
+    for rnd in (1, 2):
+        msgs = list(strat.configure_train(rnd, arrays, ConfigRecord(), grid))
+        arrays, _ = strat.aggregate_train(rnd, grid.send_and_receive(msgs))
+        bad = {c for c in strat.last.trust if int(c) in malicious}
+        assert bad, "malicious clients were in the cohort"
+        assert all(strat.last.trust[c] < 0 for c in bad)
+        refused += sum("reference" in strat.last.rejected.get(c, "") for c in bad)
+        honest = [c for c in strat.last.trust if int(c) not in malicious]
+        assert sum(strat.last.trust[c] > 0 for c in honest) > len(honest) / 2
+    assert refused >= 2
