@@ -7,7 +7,8 @@ Every run is ``run_server`` over the in-process grid (:class:`~fedmoe_flwr.sim.L
 with the ClientApp wrapped by :func:`~fedmoe_flwr.bench.attackers.attacked_client_app`;
 malicious partition ids are drawn from the seed (10% and 20% of the clients) and the
 target expert is ``L0.E0``. "defences off" is ``strategy.clip=none strategy.max_share=0
-strategy.sample_drift=1e9 strategy.min_consistency=0 strategy.trust_samples=0`` (``norm_bound`` stays None in both;
+strategy.sample_drift=1e9 strategy.min_consistency=0 strategy.trust_samples=0
+strategy.max_capture=0`` (``norm_bound`` stays None in both;
 the identity binding cannot be switched off). Paired seeds: the data, fleet, initial model
 and cohorts are the same across the rows of one seed.
 
@@ -40,7 +41,7 @@ SCENARIOS = {
 COMMON = ["backend=local", "quiet=true", "report=false", "checkpoint_every=0", "save_model=false", "loggers=[jsonl]"]
 LAST_EVALS = 3  # accuracy_last: the mean of the last evaluations (label-skewed runs oscillate)
 DEFENCES_OFF = ["strategy.clip=none", "strategy.max_share=0", "strategy.sample_drift=1e9", "strategy.min_consistency=0",
-                "strategy.trust_samples=0"]
+                "strategy.trust_samples=0", "strategy.max_capture=0"]
 FRACTIONS = (0.1, 0.2)
 
 

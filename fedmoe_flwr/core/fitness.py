@@ -22,6 +22,9 @@ class FitnessState:
         seen: ``[C]`` bool, the row was initialised from an observation (probe/histogram).
         t: the round counter used by the exploration bonus.
         q0: prior fitness of cold pairs (new rows start at it).
+        influence: ``[C, K]`` float64, the client's share of expert ``k``'s aggregation weight,
+            summed over rounds (a column sums to the rounds ``k`` was aggregated); what the
+            capture cap reads (:func:`fedmoe_flwr.core.robust.cap_capture`). None = zeros.
     """
 
     Q: np.ndarray
@@ -29,6 +32,11 @@ class FitnessState:
     seen: np.ndarray
     t: int = 0
     q0: float = 0.0
+    influence: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.influence is None:
+            object.__setattr__(self, "influence", np.zeros(self.Q.shape, dtype=np.float64))
 
     @property
     def num_clients(self) -> int:
@@ -84,6 +92,7 @@ def grow_fitness(state: FitnessState, num_clients: int, q0: float | None = None)
         Q=np.vstack([state.Q, cold.Q]),
         n=np.vstack([state.n, cold.n]),
         seen=np.concatenate([state.seen, cold.seen]),
+        influence=np.vstack([state.influence, cold.influence]),
     )
 
 

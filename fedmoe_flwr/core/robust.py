@@ -7,6 +7,8 @@ check (docs/robustness.md#robustness).
   samples, so inflated token counts cannot inflate a weight;
 - shares: no client contributes more than ``max_share`` times the fair share ``1/m`` of
   the ``m`` contributors to one expert (or to the shared tensors) in a round;
+- capture: no client holds more than ``max_capture`` of an expert's weight summed over
+  the rounds (its cumulative share), whatever it wins round by round;
 - norms: updates are clipped to the round's median delta norm before averaging;
 - directions (``min_agreement``, off by default): a client whose shared-tensor delta agrees
   with the round's coordinate-wise median delta (cosine) less than ``min_agreement`` times
@@ -44,6 +46,7 @@ class RobustSettings:
     min_consistency: float = 0.5  # fitness ignores a client whose histogram contradicts its tokens
     min_agreement: float = 0.0  # reject a client whose cosine with the median delta < this x the median client's; 0 = off
     trust_samples: int = 100  # root samples of the server's reference update (FLTrust); 0 = off
+    max_capture: float = 0.5  # a client's share of an expert's weight summed over rounds <= this; 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -52,6 +55,8 @@ class RobustSettings:
             raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement!r}")
+        if not 0.0 <= self.max_capture <= 1.0:
+            raise ValueError(f"max_capture must be in [0, 1], got {self.max_capture!r}")
         if self.trust_samples < 0:
             raise ValueError(f"trust_samples must be >= 0, got {self.trust_samples!r}")
         if self.clip == "fixed" and not (self.clip_norm is not None and self.clip_norm > 0):
@@ -88,6 +93,38 @@ def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
     # every share capped: equal weights, at the smallest (so none grows; also when the level
     # underflows, as with subnormal weights)
     return np.where(w > 0, desc[-1], 0.0)
+
+
+def cap_capture(weights: np.ndarray, past: np.ndarray, rounds: float, max_capture: float) -> np.ndarray:
+    """One expert's weights this round with no contributor's cumulative share above
+    ``max_capture``.
+
+    ``past[i]`` is contributor ``i``'s share of the expert's weight summed over the
+    ``rounds`` earlier rounds it was aggregated; after this round its cumulative share is
+    ``(past[i] + share[i]) / (rounds + 1)``, so its share this round may be at most
+    ``a[i] = max_capture (rounds + 1) - past[i]`` (clipped to [0, 1]). Water-filling: the
+    set ``S`` of capped contributors grows until every other one is within its allowance;
+    those in ``S`` get exactly ``a[i]`` of the new total ``W = sum(others) / (1 - sum(a[S]))``
+    (each only lowered), the others keep their weights. A lone contributor, ``max_capture
+    <= 0``, or allowances that cannot be met (``sum(a[S]) >= 1``): unchanged.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if max_capture <= 0 or int((w > 0).sum()) <= 1:
+        return w.copy()
+    a = np.clip(max_capture * (rounds + 1) - np.asarray(past, dtype=np.float64), 0.0, 1.0)
+    capped = np.zeros(len(w), dtype=bool)
+    while True:
+        rest = 1.0 - a[capped].sum()
+        if rest <= 1e-12:
+            return w.copy()
+        total = w[~capped].sum() / rest
+        if total <= 0:
+            return w.copy()
+        over = ~capped & (w > a * total * (1 + 1e-12))
+        if not over.any():
+            break
+        capped |= over
+    return np.where(capped, a * total, w)
 
 
 def token_weights(tokens: np.ndarray, samples: float, layer_of: np.ndarray, held: np.ndarray) -> np.ndarray:

@@ -28,8 +28,8 @@ from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
 from .privacy import SHARED, DPSettings, add_group_noise
 from .profiles import update_profiles
-from .robust import (RobustSettings, cap_shares, direction_scores, median_norm, reference_cosine, signal_consistency,
-                     signal_problem, token_weights, trust_factors, trusted_samples)
+from .defences import capture_max, check_directions, check_trust, clip_bound, record_influence, trusted_updates
+from .robust import RobustSettings, signal_consistency, signal_problem
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
 
@@ -150,6 +150,7 @@ class RoundStats:
             "num_aggregated": float(len(self.accepted)),
             "num_dropped": float(len(self.dropped)), "num_rejected": float(len(self.rejected)),
             "experts_trained_total": float((state.load.clients_total > 0).sum()),
+            "capture_max": capture_max(state),
         }
         if self.train_loss is not None:
             out["train_loss"] = self.train_loss
@@ -200,77 +201,6 @@ def check_reply(reply: Received, sent: Sent, params: Mapping[str, np.ndarray], l
         return why
     return signal_problem(reply.report.hist, layout.layer_of, "routing histogram") or signal_problem(
         reply.report.gate, layout.layer_of, "gate share")
-
-
-def _trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, layout: ParamLayout,
-                     settings: RoundSettings, trust: Mapping[str, float]) -> list[ClientUpdate]:
-    """The accepted replies with the weights the server can defend (:mod:`.robust`);
-    ``trust`` scales a client's samples before the share caps (absent = 1)."""
-    keys, layer_of = layout.expert_keys, layout.layer_of
-    if not accepted:
-        return []
-    samples = np.array([trusted_samples(r.report.num_examples, inputs.registered.get(cid), settings.robust.sample_drift)
-                        * trust.get(cid, 1.0) for cid, r in accepted])
-    held = np.array([[k in inputs.sent[cid].experts for k in keys] for cid, _ in accepted], dtype=bool)
-    tok = np.array([token_weights(r.report.tokens, n, layer_of, h) for (_, r), n, h in zip(accepted, samples, held)])
-    for k in range(len(keys)):  # no client above max_share of an expert's weight
-        tok[:, k] = cap_shares(tok[:, k], settings.robust.max_share)
-    samples = cap_shares(samples, settings.robust.max_share)
-    return [ClientUpdate(client_id=cid, params=r.params, held=frozenset(inputs.sent[cid].experts), num_samples=float(n),
-                         tokens={keys[k]: float(tok[i, k]) for k in np.flatnonzero(held[i])})
-            for i, ((cid, r), n) in enumerate(zip(accepted, samples))]
-
-
-def _clip_norm(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], layout: ParamLayout,
-               settings: RoundSettings) -> float | None:
-    if settings.robust.clip == "fixed":
-        return settings.robust.clip_norm
-    if settings.robust.clip != "median" or len(updates) < 2:
-        return None
-    norms = {}
-    for u in updates:
-        names = [n for n in u.params if layout.expert_of.get(n, None) in u.held or n not in layout.expert_of]
-        norms[u.client_id] = float(np.sqrt(sum(float(np.sum((u.params[n].astype(np.float64) - params[n]) ** 2))
-                                               for n in names)))
-    return median_norm(norms)
-
-
-def _check_directions(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray], layout: ParamLayout,
-                      min_agreement: float, rejected: dict[str, str]) -> list[tuple[str, Received]]:
-    """The accepted replies whose shared-tensor delta agrees with the round's median delta
-    at least ``min_agreement`` times as well (cosine) as the median client's does; the others
-    go to ``rejected`` with their cosine. Relative, so it adapts to how much honest non-IID
-    clients disagree. Needs 3 clients (a median of 2 is their mean); off at 0."""
-    names = [n for n in sorted(layout.shared_params) if n not in layout.router_params]
-    if min_agreement <= 0 or len(accepted) < 3 or not names:
-        return accepted
-    deltas = {cid: np.concatenate([(np.asarray(r.params[n], np.float64) - params[n]).ravel() for n in names])
-              for cid, r in accepted}
-    scores = direction_scores(deltas)
-    bound = min_agreement * float(np.median(list(scores.values())))
-    if bound <= 0:  # no agreement to speak of this round
-        return accepted
-    for cid, _ in accepted:
-        if scores[cid] < bound:
-            rejected[cid] = f"update disagrees with the round's median delta (cosine {scores[cid]:.2f} < {bound:.2f})"
-    return [(cid, r) for cid, r in accepted if scores[cid] >= bound]
-
-
-def _check_trust(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray],
-                 reference: Mapping[str, np.ndarray] | None, rejected: dict[str, str]):
-    """``(kept, factors, cosines)``: each accepted reply's cosine with the server's reference
-    update; those at a factor of 0 (pointing away from it) go to ``rejected`` with their
-    cosine, the others keep their factor (:func:`~fedmoe_flwr.core.robust.trust_factors`).
-    No reference: everything kept at factor 1."""
-    if reference is None or not accepted:
-        return accepted, {}, {}
-    cosines = {cid: reference_cosine({n: np.asarray(a, np.float64) - params[n] for n, a in r.params.items()}, reference)
-               for cid, r in accepted}
-    factors = trust_factors(cosines)
-    for cid, _ in accepted:
-        if factors[cid] <= 0:
-            rejected[cid] = f"update points away from the server's reference update (cosine {cosines[cid]:.2f})"
-    return [(cid, r) for cid, r in accepted if factors[cid] > 0], factors, cosines
 
 
 def _dp_weights(updates: list[ClientUpdate], settings: RoundSettings) -> list[ClientUpdate]:
@@ -354,19 +284,19 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
             accepted.append((cid, reply))
         observations[cid] = {**measured, "completed": not late}
 
-    accepted = _check_directions(accepted, params, layout, settings.robust.min_agreement, rejected)
+    accepted = check_directions(accepted, params, layout, settings.robust.min_agreement, rejected)
     for cid in rejected:  # a reply the direction check rejected did not complete the round either
         observations[cid] = {**observations.get(cid, {}), "completed": False}
     # one the trust check refuses did its work in time: its profile (reliability) is unchanged
     reference = inputs.reference if settings.robust.trust_samples > 0 else None
-    accepted, trust, cosines = _check_trust(accepted, params, reference, rejected)
+    accepted, trust, cosines = check_trust(accepted, params, reference, rejected)
     new_params, noise = None, {}
-    updates = _trusted_updates(accepted, inputs, layout, settings, trust)
+    updates = trusted_updates(accepted, inputs, layout, settings, trust, state)
     aggregated = _dp_weights(updates, settings)
     if updates:
         _, delta, agg = aggregate_experts(dict(params), aggregated, layout,
                                           method=settings.robust.aggregator,
-                                          clip_norm=_clip_norm(updates, params, layout, settings),
+                                          clip_norm=clip_bound(updates, params, layout, settings),
                                           lora=settings.lora_aggregation)
         if settings.dp.dp_enabled:
             delta, noise = _dp_noise(delta, agg, len(updates), layout, settings, inputs.noise_rng)
@@ -384,6 +314,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         signals.append((r.report.hist, r.report.gate, np.where(m, r.report.expert_loss, np.nan)) if heard else (silent,) * 3)
     state = observe_fitness_batch(state, [cid for cid, _ in accepted], [h for h, _, _ in signals], [g for _, g, _ in signals],
                                   [lo for _, _, lo in signals], trained, settings.fitness)
+    state = record_influence(state, aggregated, keys)
     tokens, clients = round_load([u.held for u in updates], [u.tokens for u in updates], keys)
     load = update_load(state.load, tokens, clients, inputs.round, price_step=settings.price_step)
     state = advance_round(replace(state, load=load), inputs.round)

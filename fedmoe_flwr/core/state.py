@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 2
-FITNESS_ARRAYS = {"Q": np.float64, "n": np.int64, "seen": np.bool_}
+FITNESS_ARRAYS = {"Q": np.float64, "n": np.int64, "seen": np.bool_, "influence": np.float64}
 """Fitness arrays (one row per known client) stored in ``arrays`` as ``"fitness/<name>"``."""
 
 
@@ -170,7 +170,9 @@ def state_from_dict(d: Mapping, arrays: Mapping[str, np.ndarray] | None = None) 
     f = d["fitness"]
     rows, cols = len(d["client_index"]), len(d["expert_keys"])
 
-    def fitness(name: str) -> np.ndarray:
+    def fitness(name: str) -> np.ndarray | None:
+        if name == "influence" and f"fitness/{name}" not in (arrays or {}) and name not in f:
+            return None  # a checkpoint from before the capture cap: no influence recorded yet
         if d["schema"] == 1:
             return _unarr(f[name])
         # the shape is restored because arrays that passed through lists lose it when empty
@@ -189,7 +191,8 @@ def state_from_dict(d: Mapping, arrays: Mapping[str, np.ndarray] | None = None) 
         expert_keys=list(d["expert_keys"]),
         client_index={k: int(v) for k, v in d["client_index"].items()},
         profiles={cid: ClientProfile.from_dict(p) for cid, p in d["profiles"].items()},
-        fitness=FitnessState(Q=fitness("Q"), n=fitness("n"), seen=fitness("seen"), t=int(f["t"]), q0=float(f["q0"])),
+        fitness=FitnessState(Q=fitness("Q"), n=fitness("n"), seen=fitness("seen"), t=int(f["t"]), q0=float(f["q0"]),
+                             influence=fitness("influence")),
         load=LoadState(**{k: _unarr(v) for k, v in d["load"].items()}),
         round=int(d["round"]),
         opt_state=opt,

@@ -1,0 +1,126 @@
+"""The server's defences on one round's accepted replies (docs/robustness.md), used by
+:func:`~fedmoe_flwr.core.round.apply_round` in this order: the direction check, the trust
+check against the server's reference update, the weights the server can defend (sample and
+token claims, share and capture caps), the clipping bound; after aggregation, each client's
+share of every expert's weight is added to ``fitness.influence``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from ..layout import ParamLayout
+from .aggregate import ClientUpdate
+from .robust import (cap_capture, cap_shares, direction_scores, median_norm, reference_cosine, token_weights,
+                     trust_factors, trusted_samples)
+from .state import AlignmentState
+
+if TYPE_CHECKING:  # the round's types; round.py imports this module
+    from .round import Received, RoundInputs, RoundSettings
+
+
+def capture_max(state: AlignmentState) -> float:
+    """The largest share of one expert's weight, summed over rounds, that one client holds."""
+    influence = state.fitness.influence
+    rounds = influence.sum(axis=0)
+    seen = rounds > 0
+    if not seen.any():
+        return 0.0
+    return float((influence[:, seen].max(axis=0) / rounds[seen]).max())
+
+
+def trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, layout: ParamLayout,
+                     settings: RoundSettings, trust: Mapping[str, float], state: AlignmentState) -> list[ClientUpdate]:
+    """The accepted replies with the weights the server can defend (:mod:`.robust`);
+    ``trust`` scales a client's samples before the share caps (absent = 1), and the
+    capture cap reads the clients' past shares in ``state``."""
+    keys, layer_of = layout.expert_keys, layout.layer_of
+    if not accepted:
+        return []
+    samples = np.array([trusted_samples(r.report.num_examples, inputs.registered.get(cid), settings.robust.sample_drift)
+                        * trust.get(cid, 1.0) for cid, r in accepted])
+    held = np.array([[k in inputs.sent[cid].experts for k in keys] for cid, _ in accepted], dtype=bool)
+    tok = np.array([token_weights(r.report.tokens, n, layer_of, h) for (_, r), n, h in zip(accepted, samples, held)])
+    for k in range(len(keys)):  # no client above max_share of an expert's weight
+        tok[:, k] = cap_shares(tok[:, k], settings.robust.max_share)
+    if settings.robust.max_capture > 0:  # ... nor above max_capture of it summed over rounds
+        influence = state.fitness.influence
+        rows = np.array([state.client_index.get(cid, -1) for cid, _ in accepted])
+        for k in range(len(keys)):
+            on = tok[:, k] > 0
+            past = np.where(rows >= 0, influence[np.maximum(rows, 0), k], 0.0)
+            tok[on, k] = cap_capture(tok[on, k], past[on], float(influence[:, k].sum()), settings.robust.max_capture)
+    samples = cap_shares(samples, settings.robust.max_share)
+    return [ClientUpdate(client_id=cid, params=r.params, held=frozenset(inputs.sent[cid].experts), num_samples=float(n),
+                         tokens={keys[k]: float(tok[i, k]) for k in np.flatnonzero(held[i])})
+            for i, ((cid, r), n) in enumerate(zip(accepted, samples))]
+
+
+def clip_bound(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], layout: ParamLayout,
+               settings: RoundSettings) -> float | None:
+    if settings.robust.clip == "fixed":
+        return settings.robust.clip_norm
+    if settings.robust.clip != "median" or len(updates) < 2:
+        return None
+    norms = {}
+    for u in updates:
+        names = [n for n in u.params if layout.expert_of.get(n, None) in u.held or n not in layout.expert_of]
+        norms[u.client_id] = float(np.sqrt(sum(float(np.sum((u.params[n].astype(np.float64) - params[n]) ** 2))
+                                               for n in names)))
+    return median_norm(norms)
+
+
+def check_directions(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray], layout: ParamLayout,
+                      min_agreement: float, rejected: dict[str, str]) -> list[tuple[str, Received]]:
+    """The accepted replies whose shared-tensor delta agrees with the round's median delta
+    at least ``min_agreement`` times as well (cosine) as the median client's does; the others
+    go to ``rejected`` with their cosine. Relative, so it adapts to how much honest non-IID
+    clients disagree. Needs 3 clients (a median of 2 is their mean); off at 0."""
+    names = [n for n in sorted(layout.shared_params) if n not in layout.router_params]
+    if min_agreement <= 0 or len(accepted) < 3 or not names:
+        return accepted
+    deltas = {cid: np.concatenate([(np.asarray(r.params[n], np.float64) - params[n]).ravel() for n in names])
+              for cid, r in accepted}
+    scores = direction_scores(deltas)
+    bound = min_agreement * float(np.median(list(scores.values())))
+    if bound <= 0:  # no agreement to speak of this round
+        return accepted
+    for cid, _ in accepted:
+        if scores[cid] < bound:
+            rejected[cid] = f"update disagrees with the round's median delta (cosine {scores[cid]:.2f} < {bound:.2f})"
+    return [(cid, r) for cid, r in accepted if scores[cid] >= bound]
+
+
+def check_trust(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray],
+                 reference: Mapping[str, np.ndarray] | None, rejected: dict[str, str]):
+    """``(kept, factors, cosines)``: each accepted reply's cosine with the server's reference
+    update; those at a factor of 0 (pointing away from it) go to ``rejected`` with their
+    cosine, the others keep their factor (:func:`~fedmoe_flwr.core.robust.trust_factors`).
+    No reference: everything kept at factor 1."""
+    if reference is None or not accepted:
+        return accepted, {}, {}
+    cosines = {cid: reference_cosine({n: np.asarray(a, np.float64) - params[n] for n, a in r.params.items()}, reference)
+               for cid, r in accepted}
+    factors = trust_factors(cosines)
+    for cid, _ in accepted:
+        if factors[cid] <= 0:
+            rejected[cid] = f"update points away from the server's reference update (cosine {cosines[cid]:.2f})"
+    return [(cid, r) for cid, r in accepted if factors[cid] > 0], factors, cosines
+
+
+def record_influence(state: AlignmentState, updates: list[ClientUpdate], keys: list[str]) -> AlignmentState:
+    """Add each client's share of every expert's aggregation weight this round to
+    ``fitness.influence`` (what the capture cap and ``capture_max`` read)."""
+    if not updates:
+        return state
+    influence = state.fitness.influence.copy()
+    for k, key in enumerate(keys):
+        weights = {u.client_id: u.tokens.get(key, 0.0) for u in updates if u.tokens.get(key, 0.0) > 0}
+        total = sum(weights.values())
+        for cid, w in weights.items():
+            if cid in state.client_index:
+                influence[state.client_index[cid], k] += w / total
+    return replace(state, fitness=replace(state.fitness, influence=influence))
