@@ -95,6 +95,10 @@ def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
     return np.where(w > 0, desc[-1], 0.0)
 
 
+CAPTURE_WARMUP_ROUNDS = 10
+"""The capture cap counts at least this many rounds of an expert (see :func:`cap_capture`)."""
+
+
 def cap_capture(weights: np.ndarray, past: np.ndarray, rounds: float, max_capture: float) -> np.ndarray:
     """One expert's weights this round with no contributor's cumulative share above
     ``max_capture``.
@@ -102,7 +106,9 @@ def cap_capture(weights: np.ndarray, past: np.ndarray, rounds: float, max_captur
     ``past[i]`` is contributor ``i``'s share of the expert's weight summed over the
     ``rounds`` earlier rounds it was aggregated; after this round its cumulative share is
     ``(past[i] + share[i]) / (rounds + 1)``, so its share this round may be at most
-    ``a[i] = max_capture (rounds + 1) - past[i]`` (clipped to [0, 1]). Water-filling: the
+    ``a[i] = max_capture * max(rounds + 1, CAPTURE_WARMUP_ROUNDS) - past[i]`` (clipped to
+    [0, 1]): over the first rounds, when an expert has had few holders, a cumulative share
+    says little, so the cap counts at least the warm-up's rounds. Water-filling: the
     set ``S`` of capped contributors grows until every other one is within its allowance;
     those in ``S`` get exactly ``a[i]`` of the new total ``W = sum(others) / (1 - sum(a[S]))``
     (each only lowered), the others keep their weights. A lone contributor, ``max_capture
@@ -111,7 +117,8 @@ def cap_capture(weights: np.ndarray, past: np.ndarray, rounds: float, max_captur
     w = np.asarray(weights, dtype=np.float64)
     if max_capture <= 0 or int((w > 0).sum()) <= 1:
         return w.copy()
-    a = np.clip(max_capture * (rounds + 1) - np.asarray(past, dtype=np.float64), 0.0, 1.0)
+    span = max(float(rounds) + 1.0, CAPTURE_WARMUP_ROUNDS)
+    a = np.clip(max_capture * span - np.asarray(past, dtype=np.float64), 0.0, 1.0)
     capped = np.zeros(len(w), dtype=bool)
     while True:
         rest = 1.0 - a[capped].sum()
