@@ -302,6 +302,8 @@ def check_config(cfg: Config) -> list[str]:
     need(s.norm_bound is None or s.norm_bound > 0, "strategy.norm_bound", "must be > 0 or null")
     need(0 <= s.min_agreement <= 1, "strategy.min_agreement", "must be in [0, 1]")
     need(s.trust_samples >= 0, "strategy.trust_samples", "must be >= 0 (0 = no trust check)")
+    need(0 <= s.max_capture <= 1, "strategy.max_capture", "must be in [0, 1] (0 = off)")
+    need(0 <= s.byzantine_fraction < 0.5, "strategy.byzantine_fraction", "must be in [0, 0.5)")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
     need(s.clip in CLIPS and (s.clip != "fixed" or (s.clip_norm or 0) > 0), "strategy.clip", f"one of {CLIPS}; fixed needs clip_norm > 0")
     bad += [f"strategy.{why}" for why in dp_problems(s, s)]

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..layout import ParamLayout, expert_key
 from .lora import LORA_AGGREGATIONS, merge_pair
+from .selection import SELECTIONS, assumed_byzantine, enough, select
 
 __all__ = ["ClientUpdate", "ServerOptState", "aggregate_experts", "server_step"]
 
@@ -56,7 +57,7 @@ def _row_weights(name: str, layer: int, u: ClientUpdate, rows: int) -> np.ndarra
 
 
 def _contributions(global_params, updates, layout, weighting, clip_norm, clipped: list):
-    """Yield ``(name, weight, delta)`` per update and tensor; weight is a scalar or ``[rows]``.
+    """Yield ``(client_id, name, weight, delta)`` per update and tensor; weight is a scalar or ``[rows]``.
 
     ``clip_norm`` scales each client's whole delta (all its counted tensors) to norm <=
     clip_norm; ids of clipped clients are appended to ``clipped``.
@@ -81,7 +82,7 @@ def _contributions(global_params, updates, layout, weighting, clip_norm, clipped
                 w = _expert_weight(u, owner[n], weighting)
             else:
                 w = float(u.num_samples)
-            yield n, w, d * scale if scale != 1.0 else d
+            yield u.client_id, n, w, d * scale if scale != 1.0 else d
 
 
 def _expert_weight(u: ClientUpdate, key: str, weighting: str) -> float:
@@ -131,8 +132,10 @@ class _Mean:
         return np.where(wsum > 0, weighted, np.where(cnt > 0, equal, 0.0))
 
 
-def _combine_robust(items, shape, method, trim_ratio):
-    """Coordinate-wise median / trimmed mean over contributors (zero-weight rows excluded)."""
+def _combine_robust(items, shape, method, trim_ratio, trim_count: int | None = None):
+    """Coordinate-wise median / trimmed mean over contributors (zero-weight rows excluded);
+    the trimmed mean cuts ``trim_count`` values at each end if given (at most ``(m - 1) // 2``),
+    else ``floor(trim_ratio * m)``."""
     stack = np.full((len(items),) + tuple(shape), np.nan)
     for i, (w, d) in enumerate(items):
         mask = _bcast(np.asarray(w) > 0, d) if np.ndim(w) else True
@@ -144,7 +147,7 @@ def _combine_robust(items, shape, method, trim_ratio):
             out = np.nanmedian(np.where(m > 0, stack, 0.0), axis=0)
         return np.where(m > 0, out, 0.0)
     srt = np.sort(stack, axis=0)  # NaN sort last
-    t = np.floor(trim_ratio * m).astype(np.int64)
+    t = np.floor(trim_ratio * m).astype(np.int64) if trim_count is None else np.minimum(trim_count, (m - 1) // 2)
     idx = np.arange(len(items)).reshape((-1,) + (1,) * len(shape))
     keep = (idx >= t) & (idx < m - t)
     cnt = keep.sum(axis=0)
@@ -163,6 +166,7 @@ def aggregate_experts(
     clip_norm: float | None = None,
     trim_ratio: float = 0.1,
     lora: str = "product",
+    byzantine_fraction: float = 0.2,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Aggregate validated client updates per expert (module docstring).
 
@@ -173,8 +177,11 @@ def aggregate_experts(
         weighting: expert weights: ``"tokens"`` routed to the expert (default),
             ``"samples"`` or ``"uniform"``. If an expert's contributors all have weight 0
             (e.g. 0 tokens), they are weighted equally (so it still moves).
-        method: ``"mean"`` (weighted), or the unweighted coordinate-wise ``"median"`` /
-            ``"trimmed_mean"`` (``trim_ratio`` of contributors cut at each end).
+        method: ``"mean"`` (weighted), the unweighted coordinate-wise ``"median"`` /
+            ``"trimmed_mean"`` (``trim_ratio`` of contributors cut at each end), or a
+            selection per group, ``"krum"`` / ``"multikrum"`` / ``"bulyan"``
+            (:mod:`.selection`; ``byzantine_fraction`` sets each group's ``f``; groups too
+            small for the rule fall back to the median, counted in ``stats["fallbacks"]``).
         clip_norm: if given, each update's delta (over all its tensors) is scaled down
             to at most this L2 norm before aggregation.
         lora: ``"product"`` (default): with ``method="mean"``, each of the layout's
@@ -192,8 +199,8 @@ def aggregate_experts(
         (per expert key), ``untrained_experts``, ``clipped`` (updates scaled down) and
         ``num_updates``.
     """
-    if method not in ("mean", "median", "trimmed_mean"):
-        raise ValueError(f"method must be 'mean', 'median' or 'trimmed_mean', got {method!r}")
+    if method not in ("mean", "median", "trimmed_mean") + SELECTIONS:
+        raise ValueError(f"method must be 'mean', 'median', 'trimmed_mean' or one of {SELECTIONS}, got {method!r}")
     if lora not in LORA_AGGREGATIONS:
         raise ValueError(f"lora must be one of {LORA_AGGREGATIONS}, got {lora!r}")
     pairs = layout.lora_pairs if lora == "product" and method == "mean" else {}
@@ -203,13 +210,18 @@ def aggregate_experts(
     stacks: dict[str, list] = {}
     row_masks: dict[str, np.ndarray] = {}
     clipped: list[str] = []
-    for name, w, d in _contributions(global_params, updates, layout, weighting, clip_norm, clipped):
+    items = list(_contributions(global_params, updates, layout, weighting, clip_norm, clipped))
+    rule: dict[str, tuple[str, int]] = {}  # group -> (how its tensors combine, f)
+    if method in SELECTIONS:
+        items, rule = _select_groups(items, layout, method, byzantine_fraction)
+    for cid, name, w, d in items:
         if name in layout.router_params:
             held = np.asarray(w) > 0
             row_masks[name] = row_masks[name] | held if name in row_masks else held
         if name in factor_of:
             lora_items.setdefault(name, []).append((w, d))
-        if method == "mean":
+        how = rule.get(layout.expert_of.get(name, SHARED_GROUP), (method, 0))[0]
+        if how in ("mean", "krum", "multikrum"):
             folds.setdefault(name, _Mean(d.shape)).add(w, d)
         else:
             stacks.setdefault(name, []).append((w, d))
@@ -221,10 +233,13 @@ def aggregate_experts(
         if mask is not None and not mask.any():
             del row_masks[name]
             continue
-        if method == "mean":
+        how, f = rule.get(layout.expert_of.get(name, SHARED_GROUP), (method, 0))
+        if name in folds:
             d = folds[name].result()
+        elif how == "bulyan":
+            d = _combine_robust(stacks[name], g.shape, "trimmed_mean", trim_ratio, trim_count=f)
         else:
-            d = _combine_robust(stacks[name], g.shape, method, trim_ratio)
+            d = _combine_robust(stacks[name], g.shape, how, trim_ratio)
         delta[name] = d
         new = (np.asarray(g, np.float64) + d).astype(g.dtype)
         if mask is not None:
@@ -233,7 +248,33 @@ def aggregate_experts(
     for a, b in pairs.items():
         _merge_product(a, b, lora_items, global_params, new_params, delta)
     stats = _stats(updates, layout, weighting, delta, row_masks, clipped)
+    stats["fallbacks"] = sorted(g for g, (how, _) in rule.items() if how == "median")
     return new_params, delta, stats
+
+
+SHARED_GROUP = "shared"
+"""The group of the tensors no expert owns (routers included), for the selection rules."""
+
+
+def _select_groups(items: list, layout: ParamLayout, method: str, fraction: float):
+    """The contributions the selection rule keeps, and per group ``(how, f)``: ``method``,
+    or ``"median"`` where the group has too few contributors (:mod:`.selection`)."""
+    vectors: dict[str, dict[str, list]] = {}
+    for cid, name, _, d in items:
+        vectors.setdefault(layout.expert_of.get(name, SHARED_GROUP), {}).setdefault(cid, []).append((name, d))
+    keep, rule = set(), {}
+    for group, by_client in vectors.items():
+        cids = sorted(by_client)
+        f = assumed_byzantine(len(cids), fraction)
+        if not enough(method, len(cids), f):
+            rule[group] = ("median", f)
+            keep |= {(group, c) for c in cids}
+            continue
+        stack = np.stack([np.concatenate([d.ravel() for _, d in sorted(by_client[c], key=lambda t: t[0])]) for c in cids])
+        rule[group] = (method, f)
+        keep |= {(group, cids[i]) for i in select(stack, method, f)}
+    kept = [it for it in items if (layout.expert_of.get(it[1], SHARED_GROUP), it[0]) in keep]
+    return kept, rule
 
 
 def _merge_product(a: str, b: str, items: dict[str, list], global_params, new_params, delta) -> None:

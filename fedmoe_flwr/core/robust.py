@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-AGGREGATORS = ("mean", "median", "trimmed_mean")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
 CLIPS = ("none", "median", "fixed")
 
 
@@ -38,7 +38,8 @@ class RobustSettings:
     """What the server trusts in a reply (the strategy config extends this class)."""
 
     norm_bound: Optional[float] = None  # reject updates whose delta norm exceeds it; None = no bound
-    aggregator: str = "mean"  # per expert over its holders: mean | median | trimmed_mean
+    aggregator: str = "mean"  # per expert over its holders: mean | median | trimmed_mean | krum | multikrum | bulyan
+    byzantine_fraction: float = 0.2  # krum/multikrum/bulyan: f = max(1, floor(this x contributors)) per group
     clip: str = "median"  # none | median (the round's median delta norm) | fixed (clip_norm)
     clip_norm: Optional[float] = None  # the bound of clip=fixed
     max_share: float = 2.0  # a client's weight on one expert <= max_share / holders; 0 = off
@@ -51,6 +52,8 @@ class RobustSettings:
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        if not 0.0 <= self.byzantine_fraction < 0.5:
+            raise ValueError(f"byzantine_fraction must be in [0, 0.5), got {self.byzantine_fraction!r}")
         if self.clip not in CLIPS:
             raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
         if not 0.0 <= self.min_agreement <= 1.0:

@@ -140,6 +140,7 @@ class RoundStats:
     weights: dict[str, dict[str, float]] = field(default_factory=dict)
     trust: dict[str, float] = field(default_factory=dict)  # client id -> cosine with the reference update
     noise_std: dict[str, float] = field(default_factory=dict)  # DP noise std per group ("shared", expert keys)
+    fallbacks: int = 0  # groups too small for the krum/multikrum/bulyan aggregator (combined by the median)
 
     def metrics(self, state: AlignmentState) -> dict[str, float]:
         """The server-side figures of the round (the run's metrics rows)."""
@@ -152,6 +153,8 @@ class RoundStats:
             "experts_trained_total": float((state.load.clients_total > 0).sum()),
             "capture_max": capture_max(state),
         }
+        if self.fallbacks:
+            out["aggregator_fallbacks"] = float(self.fallbacks)
         if self.train_loss is not None:
             out["train_loss"] = self.train_loss
         if self.noise_std:
@@ -290,14 +293,16 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     # one the trust check refuses did its work in time: its profile (reliability) is unchanged
     reference = inputs.reference if settings.robust.trust_samples > 0 else None
     accepted, trust, cosines = check_trust(accepted, params, reference, rejected)
-    new_params, noise = None, {}
+    new_params, noise, fallbacks = None, {}, 0
     updates = trusted_updates(accepted, inputs, layout, settings, trust, state)
     aggregated = _dp_weights(updates, settings)
     if updates:
         _, delta, agg = aggregate_experts(dict(params), aggregated, layout,
                                           method=settings.robust.aggregator,
                                           clip_norm=clip_bound(updates, params, layout, settings),
-                                          lora=settings.lora_aggregation)
+                                          lora=settings.lora_aggregation,
+                                          byzantine_fraction=settings.robust.byzantine_fraction)
+        fallbacks = len(agg["fallbacks"])
         if settings.dp.dp_enabled:
             delta, noise = _dp_noise(delta, agg, len(updates), layout, settings, inputs.noise_rng)
         new_params, opt_state = server_step(dict(params), delta, state.opt_state, kind=settings.server_opt,
@@ -328,6 +333,6 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         train_loss=_weighted_mean([r.train_loss for r in reports], [float(r.num_examples) for r in reports]),
         client_metrics=_client_metrics(reports),
         weights={u.client_id: {"shared": float(u.num_samples), **u.tokens} for u in aggregated},
-        trust=cosines, noise_std=noise,
+        trust=cosines, noise_std=noise, fallbacks=fallbacks,
     )
     return state, new_params, stats
