@@ -48,7 +48,7 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
     return runs
 
 
-def _run_metrics(run: dict) -> dict:
+def run_metrics(run: dict) -> dict:
     target = run["to_target"][0] if run.get("to_target") else {}
     return {
         "rounds_to_target": target.get("rounds"),
@@ -66,7 +66,7 @@ def _run_metrics(run: dict) -> dict:
     }
 
 
-def _stat(values: list) -> dict:
+def seed_stat(values: list) -> dict:
     ok = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return {
         "mean": float(np.mean(ok)) if ok else None,
@@ -80,11 +80,11 @@ def summarize_scenario(runs: list[dict]) -> dict:
     """``{strategy: {metric: stat}}`` with paired comparisons to the baselines."""
     by = defaultdict(dict)  # strategy -> seed -> metrics
     for run in runs:
-        by[run["strategy"]][int(run["seed"])] = _run_metrics(run)
+        by[run["strategy"]][int(run["seed"])] = run_metrics(run)
     seeds = sorted({s for d in by.values() for s in d})
     out = {}
     for strategy, per_seed in by.items():
-        res = {m: _stat([per_seed.get(s, {}).get(m) for s in seeds]) for m in METRICS}
+        res = {m: seed_stat([per_seed.get(s, {}).get(m) for s in seeds]) for m in METRICS}
         for base in BASELINES:
             if base not in by or base == strategy:
                 continue
@@ -93,12 +93,12 @@ def summarize_scenario(runs: list[dict]) -> dict:
                 for s in seeds:
                     a, b = per_seed.get(s, {}).get(m), by[base].get(s, {}).get(m)
                     ratios.append(a / b if a is not None and b not in (None, 0) else None)
-                res[f"{m}_vs_{base}"] = _stat(ratios)
+                res[f"{m}_vs_{base}"] = seed_stat(ratios)
             diffs = []
             for s in seeds:
                 a, b = per_seed.get(s, {}).get("accuracy_auc"), by[base].get(s, {}).get("accuracy_auc")
                 diffs.append(a - b if a is not None and b is not None else None)
-            res[f"accuracy_auc_minus_{base}"] = _stat(diffs)
+            res[f"accuracy_auc_minus_{base}"] = seed_stat(diffs)
         res["seeds"] = seeds
         out[strategy] = res
     return dict(sorted(out.items(), key=lambda kv: STRATEGY_ORDER.index(kv[0]) if kv[0] in STRATEGY_ORDER else 99))
