@@ -63,6 +63,7 @@ class DatasetName(_Name):
     fashion_mnist = "fashion_mnist"
     synthetic = "synthetic"
     shakespeare = "shakespeare"
+    mixed_digits = "mixed_digits"  # Fashion-MNIST + MNIST-5k + digits, 20 joint classes, 3 source domains
     custom = "custom"  # the user's own loader: dataset.loader (fedmoe_flwr/data/custom.py)
 
 

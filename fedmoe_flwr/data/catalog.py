@@ -12,12 +12,19 @@ fashion_mnist  float32 [1, 28, 28] in [0, 1]  10          the official 10,000
 mnist5k        float32 [1, 28, 28] in [0, 1]  10          stratified test_fraction (0.2)
 digits         float32 [64] in [0, 1] (8x8)   10          stratified test_fraction (0.2)
 synthetic      float32 [60]                   10          test_fraction (0.1) per device
+mixed_digits   float32 [1, 28, 28] in [0, 1]  20 (joint)  the union of the three sources' test
+                                                          sets, as each builder alone defines it
 shakespeare    int64 [seq_len] char indices   81 (vocab)  tail test_fraction (0.1) of each
                                                           role's text, <= 10,000 windows
 =============  =============================  ==========  ================================
 
-The default partition is Dirichlet for the first three, natural (one client per device or
+The default partition is Dirichlet for the image datasets, natural (one client per device or
 per role) for synthetic and shakespeare. All splits are seeded.
+
+``mixed_digits`` is one task over three input domains, the source of each sample: Fashion-MNIST
+(domain 0, labels shifted to 10..19), MNIST-5k (domain 1, digits 0..9) and sklearn's digits
+upsampled to 28x28 (domain 2, digits 0..9, shared with MNIST). Its ``domain`` partition puts each
+client in one source (:func:`~fedmoe_flwr.data.partition.source_domain_partition_indices`).
 Test data are never among the candidates given to clients.
 """
 
@@ -31,7 +38,7 @@ from fedmoe_flwr.data import shakespeare as shk
 from fedmoe_flwr.data import sources
 from fedmoe_flwr.data.partition import _derived_seed
 
-DATASETS = ("fashion_mnist", "mnist5k", "digits", "synthetic", "shakespeare")
+DATASETS = ("fashion_mnist", "mnist5k", "digits", "synthetic", "shakespeare", "mixed_digits")
 
 
 class ArrayPool:
@@ -100,6 +107,11 @@ class Source(NamedTuple):
     domain_kind: str | None = None
     image_shape: tuple[int, int] | None = None
     vocab_size: int | None = None
+    # Natural input domains (several sources in one pool): the domain of every pool sample, of
+    # every test_pool sample, and the domains' names. The domain partition then follows them.
+    domain_ids: np.ndarray | None = None
+    test_domain_ids: np.ndarray | None = None
+    domain_names: tuple[str, ...] | None = None
 
 
 def _stratified_test(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +145,31 @@ def _src_digits(seed, num_clients, partitioner, test_fraction=0.2):
     train, test = _stratified_test(pool.labels, test_fraction, seed)
     return Source("classification", 10, (64,), pool, train, pool, test,
                   domain_kind="rotate", image_shape=(8, 8))
+
+
+MIXED_DIGITS_DOMAINS = ("fashion_mnist", "mnist5k", "digits")
+FASHION_LABEL_OFFSET = 10  # Fashion-MNIST classes 0..9 are joint classes 10..19
+
+
+def _src_mixed_digits(seed, num_clients, partitioner, root=None, test_fraction=0.2):
+    fm, mn, dg = sources.load_fashion_mnist(root), sources.load_mnist5k(seed), sources.load_digits_28()
+    mn_train, mn_test = _stratified_test(mn.y_train, test_fraction, seed)
+    dg_train, dg_test = _stratified_test(dg.y_train, test_fraction, seed)
+    blocks = [  # (images [n, 784] uint8, joint labels, domain)
+        (fm.x_train.reshape(len(fm.x_train), -1), fm.y_train + FASHION_LABEL_OFFSET, 0),
+        (fm.x_test.reshape(len(fm.x_test), -1), fm.y_test + FASHION_LABEL_OFFSET, 0),
+        (mn.x_train, mn.y_train, 1),
+        (dg.x_train, dg.y_train, 2),
+    ]
+    start = np.cumsum([0] + [len(b[1]) for b in blocks])
+    pool = ArrayPool(np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]),
+                     (1, 28, 28), scale=1 / 255)
+    domains = np.concatenate([np.full(len(b[1]), b[2]) for b in blocks])
+    candidates = np.concatenate([start[0] + np.arange(len(fm.y_train)), start[2] + mn_train, start[3] + dg_train])
+    test = np.concatenate([start[1] + np.arange(len(fm.y_test)), start[2] + mn_test, start[3] + dg_test])
+    return Source("classification", 10 + FASHION_LABEL_OFFSET, (1, 28, 28), pool, candidates, pool, test,
+                  domain_ids=domains, test_domain_ids=domains,
+                  domain_names=MIXED_DIGITS_DOMAINS)
 
 
 def _src_synthetic(seed, num_clients, partitioner, synthetic_alpha=1.0, synthetic_beta=1.0,
@@ -190,7 +227,7 @@ def _src_shakespeare(seed, num_clients, partitioner, seq_len=80, min_samples=64,
 
 BUILDERS = {
     "fashion_mnist": _src_fashion_mnist, "mnist5k": _src_mnist5k, "digits": _src_digits,
-    "synthetic": _src_synthetic, "shakespeare": _src_shakespeare,
+    "synthetic": _src_synthetic, "shakespeare": _src_shakespeare, "mixed_digits": _src_mixed_digits,
 }
 SOURCE_KW = {
     "fashion_mnist": {"root"},
@@ -198,4 +235,5 @@ SOURCE_KW = {
     "digits": {"test_fraction"},
     "synthetic": {"synthetic_alpha", "synthetic_beta", "num_devices", "test_fraction"},
     "shakespeare": {"seq_len", "min_samples", "stride", "test_fraction", "max_test_samples"},
+    "mixed_digits": {"root", "test_fraction"},
 }

@@ -20,6 +20,7 @@ from fedmoe_flwr.data.partition import (
     _derived_seed,
     domain_partition_indices,
     partition_indices,
+    source_domain_partition_indices,
 )
 
 PARTITIONERS = ("iid", "dirichlet", "shards", "domain", "natural")
@@ -45,11 +46,13 @@ class FederatedData:
         test_pool: where the global test samples live (may be ``pool`` itself).
         test_indices: indices into ``test_pool`` of the global test set.
         client_domains: per client, its domain (domain partition only), else None.
-        test_domains: per test sample, its domain (sample ``j`` -> ``j % K``), else None.
-        transform: the domain transform applied on access, else None.
+        test_domains: per test sample, its domain (sample ``j`` -> ``j % K``, or its source for
+            data with natural domains), else None.
+        transform: the domain transform applied on access, else None (also for natural domains).
         vocab_size: token vocabulary for text tasks, else None.
         client_names: a readable name per client (role, device), else None.
         config: the arguments that built it, for logs.
+        domain_names: the name of each natural domain (e.g. its source dataset), else None.
 
     ``client_train``/``client_holdout`` return fresh arrays, safe to modify; ``test`` is built
     once and shared: do not modify it in place.
@@ -70,6 +73,7 @@ class FederatedData:
     vocab_size: int | None = None
     client_names: tuple[str, ...] | None = None
     config: tuple[tuple[str, Any], ...] = ()
+    domain_names: tuple[str, ...] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -77,7 +81,9 @@ class FederatedData:
 
     @property
     def num_domains(self) -> int | None:
-        return None if self.transform is None else self.transform.num_domains
+        if self.transform is not None:
+            return self.transform.num_domains
+        return None if self.domain_names is None else len(self.domain_names)
 
     def _check(self, i: int) -> int:
         if not 0 <= int(i) < self.num_clients:
@@ -202,8 +208,11 @@ def load_federated(
             ``i % num_domains`` (``num_domains`` kw, default 4) whose inputs get that domain's
             fixed transform (``domain_transform`` kw: ``"rotate"`` by 0/90/180/270 degrees for
             images and digits, ``"permute"`` features for synthetic), labels Dirichlet(alpha)
-            inside a domain; the test set cycles through the domains. Shakespeare allows
-            ``"natural"`` and ``"iid"`` only.
+            inside a domain; the test set cycles through the domains. For mixed_digits the
+            domains are its 3 sources (no transform; ``num_domains``, if given, must be 3):
+            clients per source in proportion to its train samples, interleaved
+            (:func:`~fedmoe_flwr.data.partition.source_domain_partition_indices`); test samples
+            keep their source. Shakespeare allows ``"natural"`` and ``"iid"`` only.
         alpha: Dirichlet concentration (dirichlet and domain partitioners).
         seed: seeds everything: test slice, subsample, partition, holdout split.
         holdout_fraction: each client's held-out share (seeded per client).
@@ -211,7 +220,8 @@ def load_federated(
             partitions each client keeps a proportional share (at least one sample).
         **kw: ``shards_per_partition`` (2), ``min_partition_size``, ``self_balancing`` (False),
             ``num_domains`` (4), ``domain_transform``, and per dataset: fashion_mnist ``root``;
-            mnist5k/digits ``test_fraction`` (0.2); synthetic ``synthetic_alpha`` (1.0),
+            mnist5k/digits ``test_fraction`` (0.2); mixed_digits ``root``, ``test_fraction`` (0.2,
+            of MNIST-5k and digits); synthetic ``synthetic_alpha`` (1.0),
             ``synthetic_beta`` (1.0), ``num_devices`` (= num_clients), ``test_fraction`` (0.1);
             shakespeare ``seq_len`` (80), ``min_samples`` (64), ``stride`` (1),
             ``test_fraction`` (0.1), ``max_test_samples`` (10,000).
@@ -311,6 +321,8 @@ def federate(
     names = client_domains = test_domains = transform = None
     if partitioner == "natural":
         parts, names = _natural(name, src, nat, labels, num_clients, seed)
+    elif partitioner == "domain" and src.domain_ids is not None:
+        parts, client_domains, test_domains = _source_domains(name, src, cand, labels, num_clients, alpha, seed, kw)
     elif partitioner == "domain":
         k = int(kw.get("num_domains", 4))
         kind = kw.get("domain_transform", src.domain_kind)
@@ -338,5 +350,19 @@ def federate(
     return FederatedData(
         name, src.task, src.num_classes, src.input_shape, src.pool, train, hold,
         src.test_pool, np.asarray(src.test_indices), client_domains, test_domains,
-        transform, src.vocab_size, names, config,
+        transform, src.vocab_size, names, config, src.domain_names,
     )
+
+
+def _source_domains(name, src: Source, cand, labels, num_clients, alpha, seed, kw):
+    """The domain partition of data with natural domains: (parts, client domains, test domains)."""
+    k = len(src.domain_names or np.unique(src.domain_ids))
+    if "num_domains" in kw and int(kw["num_domains"]) != k:
+        raise ValueError(f"{name} has {k} domains (its sources), got num_domains={kw['num_domains']}")
+    if kw.get("domain_transform") is not None:
+        raise ValueError(f"{name}'s domains are its sources; it takes no domain_transform")
+    parts, client_domains = source_domain_partition_indices(
+        labels, src.domain_ids[cand], num_clients, seed, alpha=alpha,
+        min_partition_size=kw.get("min_partition_size"),
+    )
+    return parts, client_domains, np.asarray(src.test_domain_ids)[np.asarray(src.test_indices)]

@@ -8,7 +8,8 @@ each ``load_partition(i)`` is read back as its ``idx`` values.
 What flwr-datasets lacks, domain skew, is here too: :func:`domain_partition_indices` gives each
 client one of K domains (client ``i`` -> domain ``i % K``) and splits labels inside a domain
 Dirichlet(alpha); :class:`DomainTransform` is the fixed input transform of each domain
-(rotations for images, feature permutations for flat inputs).
+(rotations for images, feature permutations for flat inputs). Data whose samples already come
+from different domains (several source datasets) use :func:`source_domain_partition_indices`.
 """
 
 from __future__ import annotations
@@ -233,8 +234,13 @@ def domain_partition_indices(
         cuts = np.round(np.cumsum(share)[:-1] * len(idx)).astype(int)
         for d, chunk in enumerate(np.split(idx, cuts)):
             sample_domain[chunk] = d
-    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_partitions
-    for d in range(num_domains):
+    return _split_inside_domains(labels, sample_domain, client_domains, seed, alpha, min_partition_size), client_domains
+
+
+def _split_inside_domains(labels, sample_domain, client_domains, seed, alpha, min_partition_size):
+    """Per client, its share of its domain's samples: Dirichlet(alpha) over labels (None: IID)."""
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(client_domains)
+    for d in range(int(client_domains.max()) + 1):
         members = np.flatnonzero(client_domains == d)
         if len(members) == 0:
             continue
@@ -246,7 +252,52 @@ def domain_partition_indices(
         )
         for client, p in zip(members, sub):
             parts[client] = np.sort(pool[p])
-    return parts, client_domains
+    return parts
+
+
+def clients_per_domain(domain_sizes: Sequence[int] | np.ndarray, num_partitions: int) -> np.ndarray:
+    """Clients of each domain, proportional to its samples (largest remainder), at least one each:
+    a domain short of one takes it from the domain with the most clients."""
+    sizes = np.asarray(domain_sizes, dtype=np.float64)
+    if len(sizes) < 1 or (sizes < 1).any():
+        raise ValueError(f"every domain needs samples, got sizes {sizes.astype(int).tolist()}")
+    if num_partitions < len(sizes):
+        raise ValueError(f"{len(sizes)} domains need at least {len(sizes)} clients, got {num_partitions}")
+    quota = sizes / sizes.sum() * num_partitions
+    counts = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[: num_partitions - counts.sum()]] += 1
+    for d in np.flatnonzero(counts == 0):
+        counts[np.argmax(counts)] -= 1
+        counts[d] = 1
+    return counts
+
+
+def source_domain_partition_indices(
+    labels: np.ndarray,
+    sample_domains: np.ndarray,
+    num_partitions: int,
+    seed: int = 0,
+    *,
+    alpha: float | None = 0.3,
+    min_partition_size: int | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Partition by natural domains (e.g. the source dataset of each sample): returns
+    (per-client sorted indices, per-client domain).
+
+    Domain ``d`` gets :func:`clients_per_domain` clients, in proportion to its samples; client
+    ids interleave the domains (client ``i`` takes the domain whose next client is due first,
+    ``(j + 0.5) / n_d`` for its ``j``-th of ``n_d``; equal counts give ``i % K``). Inside a domain
+    labels are split among its clients Dirichlet(alpha) (``alpha=None``: IID). Every sample is
+    used exactly once; no input transform.
+    """
+    labels, sample_domains = np.asarray(labels), np.asarray(sample_domains, dtype=np.int64)
+    if len(sample_domains) != len(labels) or (len(labels) and sample_domains.min() < 0):
+        raise ValueError("sample_domains must hold one domain id >= 0 per label")
+    counts = clients_per_domain(np.bincount(sample_domains), num_partitions)
+    due = np.concatenate([(np.arange(n) + 0.5) / n for n in counts])
+    client_domains = np.repeat(np.arange(len(counts)), counts)[np.argsort(due, kind="stable")]
+    return _split_inside_domains(labels, sample_domains, client_domains, seed, alpha, min_partition_size), client_domains
 
 
 @dataclass(frozen=True)

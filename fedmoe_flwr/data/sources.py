@@ -1,4 +1,5 @@
-"""Raw offline datasets as numpy arrays: Fashion-MNIST, sklearn digits, MNIST-5k, Synthetic.
+"""Raw offline datasets as numpy arrays: Fashion-MNIST, sklearn digits (also upsampled to 28x28),
+MNIST-5k, Synthetic.
 
 Every loader is cached per process (``functools.lru_cache``): Flower's simulation rebuilds the
 ClientApp often, and each rebuild must not re-read files. Returned arrays are read-only, so a
@@ -156,6 +157,40 @@ def load_digits() -> ArraySplits:
     d = _sk_load_digits()
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int64)
+    _readonly(x, y)
+    return ArraySplits(x, y, None, None, 10)
+
+
+def bilinear_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``[N, h, w]`` images to ``[N, size, size]`` float64, pixel centres
+    aligned (``align_corners=False``, edges clamped): deterministic, plain numpy."""
+    n, h, w = images.shape
+
+    def weights(src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(size) + 0.5) * src / size - 0.5, 0, src - 1)
+        lo = np.floor(pos).astype(np.int64)
+        return lo, np.minimum(lo + 1, src - 1), pos - lo
+
+    r0, r1, fr = weights(h)
+    c0, c1, fc = weights(w)
+    rows = images[:, r0, :] * (1 - fr)[None, :, None] + images[:, r1, :] * fr[None, :, None]
+    return rows[:, :, c0] * (1 - fc) + rows[:, :, c1] * fc
+
+
+@lru_cache(maxsize=1)
+def load_digits_28() -> ArraySplits:
+    """sklearn's digits as MNIST-like images: x uint8 ``[1797, 784]`` (28x28, row-major), 10 classes.
+
+    Each 8x8 image is resized bilinearly (:func:`bilinear_resize`) and rescaled so its brightest
+    pixel is 255, as in MNIST and Fashion-MNIST (ink bright, background 0); the pool's
+    ``scale=1/255`` then gives the same [0, 1] range as theirs. No official test split.
+    """
+    d = load_digits()
+    big = bilinear_resize(d.x_train.reshape(-1, 8, 8).astype(np.float64), 28)
+    peak = big.reshape(len(big), -1).max(axis=1)
+    big = big / np.where(peak > 0, peak, 1.0)[:, None, None]  # an all-blank image stays blank
+    x = np.round(big * 255).astype(np.uint8).reshape(len(big), 784)
+    y = np.array(d.y_train)
     _readonly(x, y)
     return ArraySplits(x, y, None, None, 10)
 
