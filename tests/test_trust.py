@@ -3,6 +3,8 @@ sample weighs every client by how well its delta agrees with it (FLTrust)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
@@ -180,3 +182,12 @@ def _first_round():
     replies = {"big": _reply(0.1, [0], n=100, tokens=1000), "a": _reply(0.1, [0], n=50), "b": _reply(0.1, [0], n=50)}
     sent = {c: core.Sent(c, ("L0.E0",), 100) for c in replies}
     return state, GLOBAL, LAYOUT, core.RoundInputs(1, sent, replies, registered={"big": 100, "a": 50, "b": 50})
+
+
+@pytest.mark.parametrize("scenario", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "benchmark").glob("*.yaml")))
+def test_benchmark_scenarios_compare_strategies_without_the_trust_check(scenario):
+    """The dense and width baselines have no trust check, so the strategy comparisons run without it."""
+    from fedmoe_flwr.deploy.app_config import quickstart_config
+
+    assert quickstart_config([f"+benchmark={scenario}"]).strategy.trust_samples == 0
+    assert quickstart_config([]).strategy.trust_samples == 100
