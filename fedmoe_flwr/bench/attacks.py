@@ -36,7 +36,9 @@ from fedmoe_flwr.bench.attackers import ATTACKS, AttackPlan, attacked_client_app
 
 SCENARIOS = {
     "quickstart": ["num_rounds=20", "eval_every=1"],
-    "fmnist": ["+benchmark=fmnist-label", "num_rounds=30", "eval_every=2", "strategy.fraction_evaluate=0"],
+    # the benchmark scenarios switch the trust check off (strategy comparisons); here it is under test
+    "fmnist": ["+benchmark=fmnist-label", "num_rounds=30", "eval_every=2", "strategy.fraction_evaluate=0",
+               "strategy.trust_samples=100"],
 }
 COMMON = ["backend=local", "quiet=true", "report=false", "checkpoint_every=0", "save_model=false", "loggers=[jsonl]"]
 LAST_EVALS = 3  # accuracy_last: the mean of the last evaluations (label-skewed runs oscillate)

@@ -60,13 +60,18 @@ def trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, l
 
 
 def clip_bound(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], layout: ParamLayout,
-               settings: RoundSettings) -> float | None:
+               settings: RoundSettings, trust: Mapping[str, float] | None = None) -> float | None:
+    """The round's clipping bound: ``clip_norm`` (``clip=fixed``), or the median delta norm
+    (``clip=median``). With trust factors, the median runs over the clients that agree with
+    the server's reference at least as well as the median client (factor 1): a cohort that by
+    chance is half attackers with huge updates cannot raise the bound to their size."""
     if settings.robust.clip == "fixed":
         return settings.robust.clip_norm
     if settings.robust.clip != "median" or len(updates) < 2:
         return None
+    core = [u for u in updates if (trust or {}).get(u.client_id, 1.0) >= 1.0]
     norms = {}
-    for u in updates:
+    for u in core or updates:
         names = [n for n in u.params if layout.expert_of.get(n, None) in u.held or n not in layout.expert_of]
         norms[u.client_id] = float(np.sqrt(sum(float(np.sum((u.params[n].astype(np.float64) - params[n]) ** 2))
                                                for n in names)))

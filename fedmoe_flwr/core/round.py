@@ -299,7 +299,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     if updates:
         _, delta, agg = aggregate_experts(dict(params), aggregated, layout,
                                           method=settings.robust.aggregator,
-                                          clip_norm=clip_bound(updates, params, layout, settings),
+                                          clip_norm=clip_bound(updates, params, layout, settings, trust),
                                           lora=settings.lora_aggregation,
                                           byzantine_fraction=settings.robust.byzantine_fraction)
         fallbacks = len(agg["fallbacks"])
