@@ -191,3 +191,19 @@ def test_benchmark_scenarios_compare_strategies_without_the_trust_check(scenario
 
     assert quickstart_config([f"+benchmark={scenario}"]).strategy.trust_samples == 0
     assert quickstart_config([]).strategy.trust_samples == 100
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.floats(1e-3, 1e6), min_size=2, max_size=12), st.data(), st.integers(0, 40))
+def test_both_caps_together_keep_the_per_round_share_cap_exact(weights, data, rounds):
+    """Finding of the attack benchmark: the capture cap lowered one holder after the share cap,
+    lifting another to 2.21x its fair share; the two now alternate, the share cap last."""
+    from fedmoe_flwr.core.defences import _cap_expert
+
+    w = np.array(weights)
+    past = np.array(data.draw(st.lists(st.floats(0, rounds * 0.5 + 0.5), min_size=len(w), max_size=len(w))))
+    out = _cap_expert(w, past, rounds, core.RoundSettings())
+    m = int((out > 0).sum())
+    assert (out <= w * (1 + 1e-9)).all()
+    if m > 1:
+        assert (out / out.sum() <= min(1.0, 2.0 / m) + 1e-9).all()

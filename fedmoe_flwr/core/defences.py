@@ -44,19 +44,32 @@ def trusted_updates(accepted: list[tuple[str, Received]], inputs: RoundInputs, l
                         * trust.get(cid, 1.0) for cid, r in accepted])
     held = np.array([[k in inputs.sent[cid].experts for k in keys] for cid, _ in accepted], dtype=bool)
     tok = np.array([token_weights(r.report.tokens, n, layer_of, h) for (_, r), n, h in zip(accepted, samples, held)])
-    for k in range(len(keys)):  # no client above max_share of an expert's weight
-        tok[:, k] = cap_shares(tok[:, k], settings.robust.max_share)
-    if settings.robust.max_capture > 0:  # ... nor above max_capture of it summed over rounds
-        influence = state.fitness.influence
-        rows = np.array([state.client_index.get(cid, -1) for cid, _ in accepted])
-        for k in range(len(keys)):
-            on = tok[:, k] > 0
-            past = np.where(rows >= 0, influence[np.maximum(rows, 0), k], 0.0)
-            tok[on, k] = cap_capture(tok[on, k], past[on], float(influence[:, k].sum()), settings.robust.max_capture)
+    influence = state.fitness.influence
+    rows = np.array([state.client_index.get(cid, -1) for cid, _ in accepted])
+    for k in range(len(keys)):  # no client above max_capture of an expert summed over rounds,
+        past = np.where(rows >= 0, influence[np.maximum(rows, 0), k], 0.0)  # nor above max_share in this one
+        tok[:, k] = _cap_expert(tok[:, k], past, float(influence[:, k].sum()), settings)
     samples = cap_shares(samples, settings.robust.max_share)
     return [ClientUpdate(client_id=cid, params=r.params, held=frozenset(inputs.sent[cid].experts), num_samples=float(n),
                          tokens={keys[k]: float(tok[i, k]) for k in np.flatnonzero(held[i])})
             for i, ((cid, r), n) in enumerate(zip(accepted, samples))]
+
+
+def _cap_expert(weights: np.ndarray, past: np.ndarray, rounds: float, settings: RoundSettings) -> np.ndarray:
+    """One expert's weights under both caps. Each only lowers weights, and lowering one client
+    raises the others' shares, so they alternate until neither changes anything (a few passes);
+    the per-round share cap is applied last, so it always holds."""
+    w = np.asarray(weights, dtype=np.float64)
+    for _ in range(20):
+        new = w.copy()
+        if settings.robust.max_capture > 0:
+            on = new > 0
+            new[on] = cap_capture(new[on], past[on], rounds, settings.robust.max_capture)
+        new = cap_shares(new, settings.robust.max_share)
+        if np.allclose(new, w, rtol=1e-12, atol=0.0):
+            return new
+        w = new
+    return w
 
 
 def clip_bound(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], layout: ParamLayout,
