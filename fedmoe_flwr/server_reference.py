@@ -33,10 +33,15 @@ def root_reference(cfg: Config, data) -> Callable[[dict[str, np.ndarray], int], 
         load_wire(model, {n: torch.from_numpy(np.asarray(a)) for n, a in params.items()})
         set_active_experts(model, None)
         torch.manual_seed(int(rng_for(cfg.seed, "root-torch", server_round).integers(2**31)))
-        train_local(model, x, y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-                    rng=rng_for(cfg.seed, "root-batches", server_round), momentum=t.momentum,
-                    balance_weight=t.balance_weight, z_weight=t.z_weight, max_batches=t.max_batches,
-                    all_positions=t.all_positions, optimizer=t.optimizer)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the ClientApps: the same bits in every backend's server process
+        try:
+            train_local(model, x, y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+                        rng=rng_for(cfg.seed, "root-batches", server_round), momentum=t.momentum,
+                        balance_weight=t.balance_weight, z_weight=t.z_weight, max_batches=t.max_batches,
+                        all_positions=t.all_positions, optimizer=t.optimizer)
+        finally:
+            torch.set_num_threads(threads)
         return {n: v.numpy().copy() for n, v in to_wire(model).items()}
 
     return reference

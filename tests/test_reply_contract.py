@@ -198,7 +198,10 @@ def _tiny_client_app(fit_result=None, fail: bool = False) -> ClientApp:
 def _start(app: ClientApp, out: Path, rounds: int = 2):
     torch.manual_seed(0)
     model = TinyNet()
-    strategy = record_run(AlignedStrategy(param_layout(model), fraction_train=1.0, fraction_evaluate=0.0), out)
+    # pace_margin=0: these replies carry measured wall-clock times, and a paced close would drop
+    # a reply slowed by a loaded machine; the tests here are about metrics, not pacing
+    strategy = record_run(AlignedStrategy(param_layout(model), fraction_train=1.0, fraction_evaluate=0.0, pace_margin=0.0),
+                          out)
     result = strategy.start(grid=LocalGrid(app, 4, seed=0), initial_arrays=to_array_record(model.state_dict()),
                             num_rounds=rounds, train_config=ConfigRecord({"lr": 0.1}))
     return strategy, result
