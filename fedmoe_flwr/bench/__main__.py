@@ -32,8 +32,10 @@ SCENARIOS = ["shakespeare-lm", "fmnist-label", "fmnist-tight", "fmnist-domain", 
 QUICK_ROUNDS = {"fmnist-label": 30, "fmnist-tight": 30, "fmnist-domain": 30, "synthetic": 30, "shakespeare": 10, "quick": 20,
                 "shakespeare-lm": 12}
 # --quick also shrinks the LM scenario's work to fit ~10 minutes on 2 cores with every strategy:
-# 5 local batches, 1,000 test windows, 5% of clients in personalised evaluation, a lower target.
-QUICK_OVERRIDES = {"shakespeare-lm": ["train.max_batches=5", "dataset.max_test_samples=1000", "eval_every=2",
+# 100 roles (10 per round), 5 local batches, 1,000 test windows, 5% of clients in personalised
+# evaluation, a lower target.
+QUICK_OVERRIDES = {"shakespeare-lm": ["dataset.num_clients=100", "strategy.fraction_train=0.1", "strategy.min_train_nodes=10",
+                                      "train.max_batches=5", "dataset.max_test_samples=1000", "eval_every=2",
                                       "strategy.fraction_evaluate=0.05", "targets=[0.25]"]}
 QUICK_SEEDS = {"shakespeare-lm": 1}  # one paired seed: 12 strategies x 12 rounds fill the ~10 minutes
 
