@@ -149,6 +149,7 @@ class StrategyConfig(RobustSettings, FitnessSettings, DPSettings):
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0  # personalised evaluation on clients' held-out splits
     probe: bool = True  # QUERY new nodes for their routing histogram before assigning
+    reprobe: bool = False  # QUERY each round's cohort for histograms under the current model (costs a download)
     # load balance: band around the mean slots per expert (0 = exact floor/ceil) and price
     band: float = 0.0
     price_step: float = 0.0

@@ -52,6 +52,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_TIME = "train-time-s"  # compute time of local training (simulated or measured)
 DOWN_TIME = "down-time-s"
 UP_TIME = "up-time-s"
+PROBE_TIME = "probe-time-s"  # QUERY reply: seconds to download, route and answer (simulated or measured)
 
 # Profile keys (declared capacity and, in simulation, the device's nominal speeds).
 CLIENT_ID = "client-id"
@@ -65,6 +66,10 @@ TIER = "tier"
 # Width baselines (heterofl, fjord, fedrolex, dense-large-exclusive): TRAIN/EVALUATE config keys.
 WIDTH = "width"  # the client's width ratio; the arrays hold a width-sliced dense model (fedmoe_flwr.widths)
 OD_LEVELS = "od-levels"  # FjORD: width ratios (of the full model) to draw one of per local step
+
+# QUERY config keys.
+PROBE = "probe"  # route a sample and reply with the histogram (needs the shared ARRAYS)
+ZERO_EXPERTS = "zero-experts"  # route with every expert's output zero: only the sent (shared) tensors count
 
 MISSING = -1.0  # MetricRecord values must be finite numbers: -1 marks "no observation"
 
@@ -236,3 +241,11 @@ def decode_probe(content: RecordDict, num_experts: int) -> tuple[NodeProfile, np
         return profile, None, None
     rep = content[REPORT]
     return profile, decode_vector(rep.get(HIST, []), num_experts), decode_vector(rep.get(GATE_SHARE, []), num_experts)
+
+
+def decode_probe_time(content: RecordDict) -> float:
+    """Seconds a probed node took to answer (0 when it does not say); raises on a bad value."""
+    value = content[REPORT].get(PROBE_TIME, 0.0) if REPORT in content else 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ProtocolError(f"{PROBE_TIME} must be a finite number >= 0, got {value!r:.40}")
+    return float(value)

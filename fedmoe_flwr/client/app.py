@@ -132,7 +132,15 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
         cfg, data, model, pid, dev = node(context)
         x, _ = data.client_train(pid)
         n, sample = work(cfg, x)
-        return expert_probe(msg, model, profile=_profile(dev, pid, context, n, model), stats_inputs=sample)
+        profile = _profile(dev, pid, context, n, model)
+        rnd = int(msg.content[P.CONFIG].get("server-round", 0))
+
+        def timings(bytes_down, bytes_up, samples, _measured):
+            return simulate_times(dev, samples_processed=samples, bytes_down=bytes_down, bytes_up=bytes_up,
+                                  rng=rng_for(cfg.seed, "probe-time", rnd, pid), jitter=cfg.fleet.jitter)
+
+        return expert_probe(msg, model, profile=profile, stats_inputs=sample,
+                            timings=timings if dev is not None else _link_times(profile))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

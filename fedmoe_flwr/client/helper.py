@@ -270,13 +270,30 @@ def expert_evaluate(msg: Message, model: torch.nn.Module, eval_fn: Callable[[tor
     return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: int(n), **scalars})}), reply_to=msg)
 
 
-def expert_probe(msg: Message, model: torch.nn.Module, *, profile: P.NodeProfile, stats_inputs: np.ndarray | None) -> Message:
-    """The QUERY reply: the node's profile and, if asked, its routing histogram."""
+def expert_probe(msg: Message, model: torch.nn.Module, *, profile: P.NodeProfile, stats_inputs: np.ndarray | None,
+                 timings: Callable[[int, int, int, float], tuple[float, float, float]] | None = None) -> Message:
+    """The QUERY reply: the node's profile and, if asked, its routing histogram.
+
+    With ``zero-experts`` in the QUERY config every expert's output is zero while routing, so
+    the histogram depends only on the tensors sent (not on expert weights this process last
+    held). ``timings(bytes_down, bytes_up, samples, measured_s)`` (as for
+    :func:`expert_train`) adds the seconds the probe took to the reply.
+    """
     content = RecordDict({P.PROFILE: profile.encode()})
-    if bool(msg.content[P.CONFIG].get("probe", False)) and stats_inputs is not None and P.ARRAYS in msg.content:
+    conf = msg.content[P.CONFIG]
+    if bool(conf.get(P.PROBE, False)) and stats_inputs is not None and P.ARRAYS in msg.content:
+        t0 = time.perf_counter()
         experts = model_experts(model)
         experts.load_wire(from_array_record(msg.content[P.ARRAYS]))
+        if bool(conf.get(P.ZERO_EXPERTS, False)):
+            shapes = experts.wire_shapes()
+            experts.load_wire({n: torch.zeros(shapes[n][0], dtype=shapes[n][1])
+                               for names in experts.layout().expert_params.values() for n in names})
         experts.set_active(None)
         hist, gate = routing_stats(model, stats_inputs)
-        content[P.REPORT] = MetricRecord({P.HIST: P.encode_vector(hist), P.GATE_SHARE: P.encode_vector(gate)})
+        report = {P.HIST: P.encode_vector(hist), P.GATE_SHARE: P.encode_vector(gate)}
+        if timings is not None:
+            down, compute, up = timings(P.record_nbytes(msg.content[P.ARRAYS]), 0, len(stats_inputs), time.perf_counter() - t0)
+            report[P.PROBE_TIME] = float(down + compute + up)
+        content[P.REPORT] = MetricRecord(report)
     return Message(content, reply_to=msg)

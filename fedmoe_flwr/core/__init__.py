@@ -62,6 +62,8 @@ _HOME = {
     "observe_fitness": "round",
     "observe_fitness_batch": "round",
     "round_cost": "accounting",
+    "probe_cost": "accounting",
+    "signal_problem": "robust",
     "round_load": "load",
     "server_step": "aggregate",
     "solver_score": "fitness",

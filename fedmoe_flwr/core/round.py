@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from ..layout import ParamLayout
-from .accounting import round_cost
+from .accounting import RoundCost, round_cost
 from .aggregate import ClientUpdate, aggregate_experts, server_step
 from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
@@ -93,6 +93,8 @@ class RoundInputs:
     global) on its root sample from the round's global parameters, by tensor name; with
     ``settings.robust.trust_samples > 0`` it weighs each client by its agreement
     (:func:`~fedmoe_flwr.core.robust.trust_factors`); None = no trust weighting.
+    ``probe`` is the cost of the cohort probe the server ran before assigning (``reprobe``),
+    added to the round's bytes and time; None = no probe this round.
     """
 
     round: int
@@ -106,6 +108,7 @@ class RoundInputs:
     registered: Mapping[str, float] = field(default_factory=dict)
     noise_rng: np.random.Generator | None = None
     reference: Mapping[str, np.ndarray] | None = None
+    probe: RoundCost | None = None
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
 
     reports = [r.report for _, r in accepted]
     cost = round_cost([s.bytes_down for s in inputs.sent.values()], [(r.report.seconds, r.bytes_up) for _, r in accepted],
-                      close, incomplete=bool(dropped))
+                      close, incomplete=bool(dropped), before=inputs.probe)
     stats = RoundStats(
         accepted=tuple(cid for cid, _ in accepted), rejected=rejected, dropped=dropped,
         bytes_down=cost.bytes_down, bytes_up=cost.bytes_up, sim_time_s=cost.sim_time_s,

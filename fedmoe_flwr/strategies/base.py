@@ -46,6 +46,7 @@ class _Cohort:
     sent: dict[int, core.Sent] = field(default_factory=dict)
     close_s: float | None = None
     paced: bool = False  # close_s comes from the predicted pace, not the deadline
+    probe: core.RoundCost | None = None  # the cohort probe's cost (reprobe)
 
 
 class ExpertStrategy(Strategy):
@@ -61,6 +62,10 @@ class ExpertStrategy(Strategy):
             give it on its held-out split. 0 disables federated evaluation.
         seed: every random choice derives from ``(seed, round, client)``.
         probe: QUERY new nodes for their routing histogram (cold-start fitness).
+        reprobe: each round, QUERY the cohort for its routing histograms under the current
+            shared tensors (experts zeroed) before assigning, so fitness follows the model
+            as it learns even for clients seen once or never trained (cross-device cohorts
+            rarely repeat). Its bytes and the slowest answer count in the round's cost.
         deadline_s: round deadline; replies slower than it are dropped and the
             deadline-aware strategies keep assignments within it. None = no deadline.
         robust: what the server trusts in a reply: norm bound, aggregator, clipping, share
@@ -100,6 +105,7 @@ class ExpertStrategy(Strategy):
         fraction_evaluate: float = 1.0,
         seed: int = 0,
         probe: bool = True,
+        reprobe: bool = False,
         deadline_s: float | None = None,
         robust: core.RobustSettings | None = None,
         dp: core.DPSettings | None = None,
@@ -128,6 +134,7 @@ class ExpertStrategy(Strategy):
         self.fraction_evaluate = fraction_evaluate
         self.seed = seed
         self.probe = probe
+        self.reprobe = reprobe
         self.deadline_s = deadline_s
         self.train_config = dict(train_config or {})
         self.train_metrics_aggr_fn = train_metrics_aggr_fn
@@ -146,6 +153,7 @@ class ExpertStrategy(Strategy):
         )
         self.state = core.init_state(self.expert_keys)
         self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id
+        self._registered_now: set[int] = set()  # nodes whose profile query ran this round
         self.num_examples: dict[str, int] = {}
         self.sim_time_total = 0.0
         self.bytes_total = 0
@@ -202,6 +210,8 @@ class ExpertStrategy(Strategy):
         self.last = RoundLog()
         if not cohort:
             return []
+        if self.reprobe:
+            self._cohort.probe = self._probe_cohort(server_round, cohort, arrays, grid)
         problem = self._problem(server_round, cohort)
         result = core.assign_by_layer(problem, self.assign, self.expert_keys)
         close = self.round_close(problem, result.x)
@@ -283,8 +293,9 @@ class ExpertStrategy(Strategy):
         """
         nodes = [int(n) for n in grid.get_node_ids()]
         new = [n for n in nodes if n not in self.node_clients]
+        self._registered_now = set(new)
         if new:
-            content = {P.CONFIG: ConfigRecord({"probe": self.probe, "server-round": rnd})}
+            content = {P.CONFIG: ConfigRecord({P.PROBE: self.probe, "server-round": rnd})}
             if self.probe:
                 content[P.ARRAYS] = ArrayRecord({n: arrays[n] for n in self.layout.param_names([])})
             msgs = [Message(RecordDict(dict(content)), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
@@ -336,7 +347,7 @@ class ExpertStrategy(Strategy):
             )
             if prof.num_examples:
                 self.num_examples[prof.client_id] = prof.num_examples
-            if hist is not None:
+            if hist is not None and self._signal_problem(hist, gate) is None:
                 probes.setdefault(prof.client_id, (hist, gate))  # the first histogram of a cold row counts
         if not declared:
             return
@@ -347,6 +358,48 @@ class ExpertStrategy(Strategy):
             self.state = core.observe_fitness_batch(self.state, cold, [probes[c][0] for c in cold],
                                                     [probes[c][1] for c in cold], [None] * len(cold),
                                                     [no_expert] * len(cold), self.fitness)
+
+    def _probe_cohort(self, rnd: int, cohort: list[int], arrays: ArrayRecord, grid: Grid) -> core.RoundCost:
+        """QUERY the cohort's routing histograms under the current shared tensors and fold
+        them into fitness (``reprobe``); returns the probe's cost. Nodes registered this
+        round were just probed with the same tensors; a reply that fails to decode, names
+        another client or carries a histogram off the simplex is ignored (logged)."""
+        shared = ArrayRecord({n: arrays[n] for n in self.layout.param_names([])})
+        conf = ConfigRecord({P.PROBE: True, P.ZERO_EXPERTS: True, "server-round": rnd})
+        asked = [n for n in cohort if n not in self._registered_now]
+        msgs = [Message(RecordDict({P.CONFIG: conf, P.ARRAYS: shared}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in asked]
+        heard: dict[str, tuple] = {}
+        seconds = []
+        for reply in grid.send_and_receive(msgs, timeout=self.query_timeout) if msgs else []:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error() or node_id not in asked:
+                continue
+            try:
+                prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
+                took = P.decode_probe_time(reply.content)
+            except P.ProtocolError as ex:
+                log(WARNING, "round %d: node %s: probe reply refused: %s", rnd, node_id, ex)
+                continue
+            why = "it names another client" if prof.client_id != self.node_clients[node_id] else self._signal_problem(hist, gate)
+            if why is not None:
+                log(WARNING, "round %d: node %s: probe reply refused: %s", rnd, node_id, why)
+                continue
+            heard.setdefault(prof.client_id, (hist, gate))
+            seconds.append(took)
+        if heard:
+            cids = sorted(heard)  # client-id order: the fold does not depend on reply order
+            none = np.zeros(len(self.expert_keys), bool)
+            self.state = core.observe_fitness_batch(self.state, cids, [heard[c][0] for c in cids], [heard[c][1] for c in cids],
+                                                    [None] * len(cids), [none] * len(cids), self.fitness)
+        return core.probe_cost([P.record_nbytes(shared)] * len(msgs), seconds)
+
+    def _signal_problem(self, hist: np.ndarray | None, gate: np.ndarray | None) -> str | None:
+        """Why a probe's histogram or gate share cannot be folded into fitness, or None."""
+        if hist is None or gate is None:
+            return "no routing histogram"
+        layer_of = self.layout.layer_of
+        return core.signal_problem(hist, layer_of, "routing histogram") or core.signal_problem(gate, layer_of, "gate share")
 
     def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
         if len(nodes) < self.min_available_nodes:
@@ -396,7 +449,7 @@ class ExpertStrategy(Strategy):
         noise_rng = rng_for(self.seed, "dp-noise", rnd) if self.privacy is not None else None
         inputs = core.RoundInputs(rnd, sent, received, failed, malformed, self._cohort.close_s,
                                   fallback_close_s=self.deadline_s, paced=self._cohort.paced,
-                                  registered=self.num_examples, noise_rng=noise_rng)
+                                  registered=self.num_examples, noise_rng=noise_rng, probe=self._cohort.probe)
         if core.effective_close(inputs) != inputs.close_s:
             log(WARNING, "round %d: every reply was slower than the predicted pace (%.1f s); waiting for %s instead",
                 rnd, inputs.close_s, "the deadline" if self.deadline_s is not None else "all replies")
