@@ -183,6 +183,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     optimizer: str = "sgd"  # local optimizer: sgd | adam (fresh each round; transformers learn far faster with adam)
     all_positions: bool = False  # next-char LMs: loss on every position of a window (nanoGPT-style), not the last only
+    # route as the global model does while training: a token whose expert the client does not
+    # hold skips the MoE layer instead of rerouting to a held expert (fedmoe's MoELayer models)
+    drop_inactive: bool = False
 
 
 @dataclass

@@ -30,6 +30,7 @@ from fedmoe_flwr.client.helper import expert_evaluate, expert_probe, expert_trai
 from fedmoe_flwr.client.local_update import train_local
 from fedmoe_flwr.client.width import ordered_dropout_for, sub_width_model
 from fedmoe_flwr.models.evaluate import evaluate
+from fedmoe_flwr.models.moe import dropping_inactive
 from fedmoe_flwr.client.node_cache import node_experiment
 from fedmoe_flwr.config import RUN_KEYS, Config, flatten, unflatten
 from fedmoe_flwr.client.compact import model_for_message
@@ -162,6 +163,10 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
             return {P.NUM_EXAMPLES: r.num_examples, P.TRAIN_LOSS: r.train_loss, P.EXPERT_LOSS: r.expert_loss}
 
         def _train(m):
+            with dropping_inactive(m, t.drop_inactive):
+                return _train_local(m)
+
+        def _train_local(m):
             return train_local(
                 m, x, y,
                 epochs=epochs,

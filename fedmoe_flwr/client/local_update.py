@@ -107,8 +107,10 @@ def train_local(
             # Attribute each sample's loss to the experts its tokens were routed to.
             ls = per_sample.detach().double()
             for l, m in enumerate(layers):
-                top1 = m.last.top1  # [B * T]
+                top1 = m.last.top1  # [B * T]; -1 = a token dropped (its expert not held)
                 owner = torch.arange(len(idx)).repeat_interleave(top1.numel() // len(idx))
+                routed = top1 >= 0
+                top1, owner = top1[routed], owner[routed]
                 tok.index_add_(0, top1 + int(offsets[l]), torch.ones_like(ls[owner]))
                 loss_sum.index_add_(0, top1 + int(offsets[l]), ls[owner])
     tokens = tok.numpy()

@@ -7,6 +7,10 @@ dispatch groups tokens by expert with index ops, so every expert only sees its t
 Federated use: a client holds only some experts. ``set_active_experts`` masks the
 router logits of the others to -inf, so tokens route among held experts only and the
 forward equals that of a model built with just those experts (tested exactly).
+With ``drop_inactive`` a client routes as the global model does instead: a token whose
+chosen expert is not held skips the layer (only the residual carries it, as a token over
+capacity does in Switch Transformers), so each expert trains only on the tokens the global
+router sends it and the router keeps its gradient.
 
 Shapes (einsum-style letters used in comments):
     N tokens (all leading dims of the input flattened), d d_model, h d_hidden,
@@ -16,6 +20,7 @@ Shapes (einsum-style letters used in comments):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +62,7 @@ class MoEStats:
     z_loss: torch.Tensor  # 0-dim; mean over tokens of logsumexp(active logits)^2
     tokens_per_expert: torch.Tensor  # [E] float; tokens whose (masked) top-1 expert is e
     gate_mass: torch.Tensor  # [E] float; sum over tokens of the (masked) router prob of e
-    top1: torch.Tensor  # [N] long; routed top-1 expert per token (after masking)
+    top1: torch.Tensor  # [N] long; routed top-1 expert per token (after masking); -1 if dropped
     top1_unmasked: torch.Tensor  # [N] long; argmax over all router rows (mask ignored)
     num_tokens: int
 
@@ -80,6 +85,8 @@ class MoELayer(nn.Module):
         active: non-persistent bool buffer [E]; False rows are masked out of routing.
         force_uniform_routing: route tokens round-robin over active experts (for tests
             and load monitoring); the router still runs and gets gradients via the gates.
+        drop_inactive: route over ALL router rows; a (token, expert) pair whose expert is
+            inactive contributes nothing (dropped) instead of rerouting to an active one.
         last: :class:`MoEStats` of the latest forward (None before the first).
     """
 
@@ -109,6 +116,7 @@ class MoELayer(nn.Module):
         self.shared = ExpertFFN(d_model, d_hidden, activation) if shared_expert else None
         self.register_buffer("active", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         self.force_uniform_routing = False
+        self.drop_inactive = False
         self.last: MoEStats | None = None
 
     def extra_repr(self) -> str:
@@ -136,13 +144,14 @@ class MoELayer(nn.Module):
         n_act = E if all_active else int(active.sum())
         if n_act == 0:
             raise RuntimeError("MoELayer has no active expert; call set_active_experts first")
-        k = min(self.top_k, n_act)
+        drop = self.drop_inactive and not all_active
+        k = self.top_k if drop else min(self.top_k, n_act)
 
         # --- route ------------------------------------------------------------------
         logits = self.router(x).float()  # [N, E]
-        masked = logits if all_active else logits.masked_fill(~active, float("-inf"))
-        probs = masked.softmax(dim=-1)  # [N, E]; 0 for inactive experts
-        if self.force_uniform_routing:
+        masked = logits if (all_active or drop) else logits.masked_fill(~active, float("-inf"))
+        probs = masked.softmax(dim=-1)  # [N, E]; 0 for inactive experts unless dropping
+        if self.force_uniform_routing and not drop:
             ids = torch.nonzero(active).squeeze(1)  # [E_act]
             slot = torch.arange(N * k, device=x.device).remainder(n_act).view(N, k)
             top_i = ids[slot]  # [N, k] round-robin, distinct within a token
@@ -156,24 +165,26 @@ class MoELayer(nn.Module):
             w = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalised over the top-k
 
         # --- dispatch: group the N*k (token, expert) pairs by expert ---------------
-        flat_e = top_i.reshape(-1)  # [N*k]
+        kept = active[top_i] if drop else torch.ones_like(top_i, dtype=torch.bool)  # [N, k]
+        flat_e = torch.where(kept, top_i, E).reshape(-1)  # [N*k]; dropped pairs in bucket E
         order = torch.argsort(flat_e, stable=True)
         tok = torch.div(order, k, rounding_mode="floor")  # token of each sorted pair
-        counts = torch.bincount(flat_e, minlength=E).tolist()
-        xs = x.index_select(0, tok).split(counts)  # E chunks of [n_e, d]
+        counts = torch.bincount(flat_e, minlength=E + 1).tolist()
+        xs = x.index_select(0, tok).split(counts)  # E + 1 chunks of [n_e, d]
         outs = [self.experts[e](xs[e]) for e in range(E) if counts[e] > 0]
-        out = torch.cat(outs) if outs else x.new_zeros(0, self.d_model)  # [N*k, d] sorted
+        outs.append(x.new_zeros(counts[E], self.d_model))  # dropped pairs add nothing
+        out = torch.cat(outs)  # [N*k, d] sorted
         out = out * w.reshape(-1)[order].unsqueeze(1).to(out.dtype)
         y = x.new_zeros(N, self.d_model).index_add(0, tok, out)  # [N, d]
         if self.shared is not None:
             y = y + self.shared(x)
 
         # --- auxiliary losses and statistics --------------------------------------
-        top1 = top_i[:, 0]
-        tokens = torch.bincount(top1, minlength=E).float()  # [E]
+        top1 = torch.where(kept[:, 0], top_i[:, 0], -1)  # [N]; -1 = dropped
+        tokens = torch.bincount(top1[top1 >= 0], minlength=E).float()  # [E]
         if N > 0:
             f = tokens / N
-            balance = n_act * (f * probs.mean(dim=0)).sum()
+            balance = (E if drop else n_act) * (f * probs.mean(dim=0)).sum()
             z_loss = torch.logsumexp(masked, dim=-1).square().mean()
         else:
             balance = z_loss = probs.sum() * 0.0  # keeps the graph, value 0
@@ -187,6 +198,21 @@ class MoELayer(nn.Module):
             num_tokens=N,
         )
         return y.reshape(shape)
+
+
+@contextmanager
+def dropping_inactive(model: nn.Module, on: bool = True):
+    """Within the block, every :class:`MoELayer` of ``model`` drops tokens routed to an
+    inactive expert (``drop_inactive``); the previous setting comes back afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    before = [layer.drop_inactive for layer in layers]
+    for layer in layers:
+        layer.drop_inactive = on
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.drop_inactive = was
 
 
 def make_ffn(
