@@ -38,6 +38,7 @@ VARIANTS = {
     "+explore": ["strategy.kappa=0.1"],  # UCB exploration bonus
     "+prices": ["strategy.band=0.5", "strategy.price_step=0.1"],  # a load band with dual prices
     "+reprobe": ["strategy.reprobe=true"],  # the cohort's histograms under the current model, every round
+    "+drop": ["train.drop_inactive=true"],  # clients route as the global model; tokens of absent experts skip
 }
 METRICS = ("final_accuracy", "accuracy_auc", "rounds_to_target", "bytes_to_target", "sim_time_to_target", "load_cv")
 
