@@ -13,6 +13,12 @@ os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedmoe-flwr-home-"))
 
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No per-example time limit: a deadline is a wall-clock assertion, and the suite shares its
+# cores (CI machines, benchmarks beside it); the property, not the speed, is under test.
+settings.register_profile("fedmoe", deadline=None)
+settings.load_profile("fedmoe")
 
 
 @pytest.fixture

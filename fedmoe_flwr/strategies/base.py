@@ -373,8 +373,8 @@ class ExpertStrategy(Strategy):
         seconds = []
         for reply in grid.send_and_receive(msgs, timeout=self.query_timeout) if msgs else []:
             node_id = reply.metadata.src_node_id
-            if reply.has_error() or node_id not in asked:
-                continue
+            if reply.has_error() or node_id not in asked or self.node_clients[node_id] in heard:
+                continue  # a failed probe keeps the row as it was; a second reply is ignored
             try:
                 prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
                 took = P.decode_probe_time(reply.content)
