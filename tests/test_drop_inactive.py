@@ -73,3 +73,24 @@ def test_local_training_reports_tokens_only_for_held_experts():
     assert r.tokens[~held].sum() == 0
     assert 0 < r.tokens[held].sum() < 2 * 120, "some tokens were dropped, the rest counted once per layer"
     assert not any(m.drop_inactive for m in model.modules() if isinstance(m, MoELayer)), "the setting is restored"
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_the_client_app_drops_only_when_the_config_says_so(drop, one_torch_thread):
+    """train.drop_inactive reaches the ClientApp: clients holding some experts report fewer
+    routed tokens than samples; without it every sample routes to a held expert."""
+    from flwr.app import ConfigRecord
+
+    from fedmoe_flwr import protocol as P
+    from tests.test_strategy import build_setup, small_config
+
+    cfg = small_config()
+    cfg.train.drop_inactive = drop
+    cfg, layout, grid, strat, arrays = build_setup(cfg=cfg)
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord(), grid))
+    partial = {m.metadata.dst_node_id for m in msgs if len(m.content[P.CONFIG]["experts"]) < len(layout.expert_keys)}
+    reports = [P.decode_report(r.content, len(layout.expert_keys)) for r in grid.send_and_receive(msgs)
+               if not r.has_error() and r.metadata.src_node_id in partial]
+    assert reports
+    short = [rep.tokens.sum() < rep.num_examples for rep in reports]
+    assert any(short) if drop else not any(short)

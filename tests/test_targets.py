@@ -34,7 +34,7 @@ def test_targets_are_paired_per_seed():
     best = t["sim_time_to_best_final_vs_fastest_non_moe"]
     assert best["best_baseline"] == "full" and best["level"] == pytest.approx(0.6)
     # aligned's moving average reaches 0.6? (0.4+0.5+0.6)/3 = 0.5 < 0.6: never; dense-small never either
-    assert best["value"] is None and not best["holds"]
+    assert best["value"] is None and not best["holds"] and best["aligned_reaches_it"] == "0/2"
     assert t["final_accuracy_points_vs_best_non_moe"]["value"] == pytest.approx(4.0)
     assert t["final_accuracy_points_vs_best_non_moe"]["holds"]
     assert t["perplexity_ratio_vs_best_non_moe"]["value"] == pytest.approx(0.56 / 0.6)  # perplexity = exp(-log acc) = 1 / acc

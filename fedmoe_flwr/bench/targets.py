@@ -74,8 +74,10 @@ def measure(runs: list[dict], strategy: str = "aligned") -> dict:
                 m["sim_to_best"] = to_target(m["rows"], level)["sim_time_s"]
         fastest = min(non_moe, key=lambda b: _mean([m["sim_to_best"] for m in by[b].values()])[0] or math.inf)
         ratio, n, total = _paired(by, strategy, fastest, "sim_to_best", lambda a, b: a / b if b else None)
+        reached = sum(m["sim_to_best"] is not None for m in by[strategy].values())
         add("sim_time_to_best_final_vs_fastest_non_moe", ratio, 0.5, ratio is not None and ratio <= 0.5,
-            best_baseline=best, level=level, against=fastest, seeds_compared=f"{n}/{total}")
+            best_baseline=best, level=level, against=fastest, seeds_compared=f"{n}/{total}",
+            **{f"{strategy}_reaches_it": f"{reached}/{len(by[strategy])}"})
         top = max(non_moe, key=lambda b: final[b] if final[b] is not None else -1)
         diff, n, total = _paired(by, strategy, top, "final_accuracy", lambda a, b: 100 * (a - b))
         add("final_accuracy_points_vs_best_non_moe", diff, 3.0, diff is not None and diff >= 3.0, against=top,

@@ -163,24 +163,21 @@ def make_client_app(defaults: dict | None = None) -> ClientApp:
             return {P.NUM_EXAMPLES: r.num_examples, P.TRAIN_LOSS: r.train_loss, P.EXPERT_LOSS: r.expert_loss}
 
         def _train(m):
-            with dropping_inactive(m, t.drop_inactive):
-                return _train_local(m)
-
-        def _train_local(m):
-            return train_local(
-                m, x, y,
-                epochs=epochs,
-                batch_size=int(conf.get("batch-size", t.batch_size)),
-                lr=float(conf.get("lr", t.lr)),
-                rng=rng_for(cfg.seed, "batches", rnd, pid),
-                momentum=t.momentum,
-                proximal_mu=float(conf.get("proximal-mu", t.proximal_mu)),
-                balance_weight=t.balance_weight,
-                z_weight=t.z_weight,
-                max_batches=t.max_batches,
-                all_positions=t.all_positions,
-                optimizer=t.optimizer,
-            )
+            with dropping_inactive(m, t.drop_inactive):  # train.drop_inactive: route as the global model
+                return train_local(
+                    m, x, y,
+                    epochs=epochs,
+                    batch_size=int(conf.get("batch-size", t.batch_size)),
+                    lr=float(conf.get("lr", t.lr)),
+                    rng=rng_for(cfg.seed, "batches", rnd, pid),
+                    momentum=t.momentum,
+                    proximal_mu=float(conf.get("proximal-mu", t.proximal_mu)),
+                    balance_weight=t.balance_weight,
+                    z_weight=t.z_weight,
+                    max_batches=t.max_batches,
+                    all_positions=t.all_positions,
+                    optimizer=t.optimizer,
+                )
 
         def timings(bytes_down, bytes_up, n, _measured):
             return simulate_times(
