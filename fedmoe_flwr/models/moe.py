@@ -165,8 +165,8 @@ class MoELayer(nn.Module):
             w = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalised over the top-k
 
         # --- dispatch: group the N*k (token, expert) pairs by expert ---------------
-        kept = active[top_i] if drop else torch.ones_like(top_i, dtype=torch.bool)  # [N, k]
-        flat_e = torch.where(kept, top_i, E).reshape(-1)  # [N*k]; dropped pairs in bucket E
+        kept = active[top_i] if drop else None  # [N, k]; None = every pair kept
+        flat_e = (top_i if kept is None else torch.where(kept, top_i, E)).reshape(-1)  # [N*k]; dropped in bucket E
         order = torch.argsort(flat_e, stable=True)
         tok = torch.div(order, k, rounding_mode="floor")  # token of each sorted pair
         counts = torch.bincount(flat_e, minlength=E + 1).tolist()
@@ -180,8 +180,8 @@ class MoELayer(nn.Module):
             y = y + self.shared(x)
 
         # --- auxiliary losses and statistics --------------------------------------
-        top1 = torch.where(kept[:, 0], top_i[:, 0], -1)  # [N]; -1 = dropped
-        tokens = torch.bincount(top1[top1 >= 0], minlength=E).float()  # [E]
+        top1 = top_i[:, 0] if kept is None else torch.where(kept[:, 0], top_i[:, 0], -1)  # [N]; -1 = dropped
+        tokens = torch.bincount(top1 if kept is None else top1[top1 >= 0], minlength=E).float()  # [E]
         if N > 0:
             f = tokens / N
             balance = (E if drop else n_act) * (f * probs.mean(dim=0)).sum()
