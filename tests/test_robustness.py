@@ -128,6 +128,7 @@ def test_a_second_node_claiming_a_connected_clients_id_is_refused():
     {"strategy": {"norm_bound": float("nan")}}, {"strategy": {"beta": float("nan")}}, {"eval_every": 0},
     {"num_rounds": 0}, {"strategy": {"server_opt": "bogus"}}, {"strategy": {"foo": 1}},
     {"strategy": {"aggregator": "krumm"}}, {"strategy": {"max_capture": 2.0}}, {"strategy": {"trust_samples": -1}},
+    {"strategy": {"sit_out_after": -1}},
 ])
 def test_configs_that_would_train_nothing_are_refused(override):
     """Finding: lr=-1, batch_size=0, every tier with 0 experts, ... exited 0."""

@@ -15,8 +15,11 @@ lying client could send. The attacks (``ATTACKS``; "delta" = trained - global):
   holds it (consistent with the histogram), a tiny loss on it; sign-flipped update;
 - ``capacity``: declares 1e15 bytes of expert memory; sign-flipped update;
 - ``takeover``: claims the client id of an honest client; sign-flipped update;
-- ``absent``: not an attack but its ceiling: the malicious nodes answer every TRAIN message
-  with an error, so the run trains without their data, as a perfect defence would.
+- ``absent``: not an attack: the malicious nodes answer every TRAIN message with an error, so
+  the run trains without their data, but they keep their places in the cohorts;
+- ``excluded``: not an attack but the ceiling of any defence: the malicious nodes answer the
+  profile query with an error, so they are never registered nor sampled: the federation
+  without them, as a filter that knew them from the start would leave it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from fedmoe_flwr import protocol as P
 from fedmoe_flwr.layout import parse_expert_key
 from fedmoe_flwr.seeding import rng_for
 
-ATTACKS = ("sign_flip", "scale10", "inflate", "replace", "capture", "capacity", "takeover", "absent")
+ATTACKS = ("sign_flip", "scale10", "inflate", "replace", "capture", "capacity", "takeover", "absent", "excluded")
 INFLATION = 1000
 SCALE = 10.0
 HUGE_MEMORY = 1e15
@@ -156,7 +159,10 @@ def attacked_client_app(inner: ClientApp, plan: AttackPlan) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        reply, pid = inner(msg, context), evil(context)
+        pid = evil(context)
+        if pid is not None and plan.attack == "excluded":
+            return Message(Error(code=0, reason="not part of the federation"), reply_to=msg)
+        reply = inner(msg, context)
         return reply if pid is None or reply.has_error() else rewriter.probe(msg, reply, pid)
 
     @app.train()

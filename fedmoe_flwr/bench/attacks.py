@@ -35,7 +35,7 @@ import numpy as np
 from fedmoe_flwr.bench.attackers import ATTACKS, AttackPlan, attacked_client_app, choose_malicious, choose_victims
 
 SCENARIOS = {
-    "quickstart": ["num_rounds=20", "eval_every=1"],
+    "quickstart": ["eval_every=1"],  # the quickstart as shipped (30 rounds), evaluated every round
     # the benchmark scenarios switch the trust check off (strategy comparisons); here it is under test
     "fmnist": ["+benchmark=fmnist-label", "num_rounds=30", "eval_every=2", "strategy.fraction_evaluate=0",
                "strategy.trust_samples=100"],
@@ -119,19 +119,21 @@ def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defen
 
 def table(results: dict) -> list[str]:
     """Mean over seeds per (scenario, attack, fraction): accuracy and its paired change
-    against the clean run with defences on, and against ``absent`` at the same fraction with
-    defences on (the attackers simply missing: what a perfect filter leaves), target share vs
-    fair, max single-client ratio."""
+    against the clean run with defences on, and against ``absent`` and ``excluded`` at the same
+    fraction with defences on (the attackers' updates missing; the attackers not in the
+    federation at all: what a perfect filter leaves), target share vs fair, max single-client
+    ratio."""
     runs = list(results.values())
     lines = []
     for scenario in sorted({r["scenario"] for r in runs}):
         rs = [r for r in runs if r["scenario"] == scenario]
         acc = "accuracy_last" if all("accuracy_last" in r for r in rs) else "accuracy"
         clean = {r["seed"]: r[acc] for r in rs if r["attack"] == "clean" and r["defences"]}
-        absent = {(r["seed"], r["fraction"]): r[acc] for r in rs if r["attack"] == "absent" and r["defences"]}
+        ceilings = {name: {(r["seed"], r["fraction"]): r[acc] for r in rs if r["attack"] == name and r["defences"]}
+                    for name in ("absent", "excluded")}
         what = f"mean of the last {LAST_EVALS} evaluations" if acc == "accuracy_last" else "final accuracy"
         lines.append(f"\n{scenario} (seeds {sorted(clean)}; {what} %, change vs clean with defences on)")
-        lines.append(f"{'attack':<10} {'frac':>4} | {'acc on':>7} {'d on':>6} {'vs abs':>6} {'acc off':>8} {'d off':>6} | "
+        lines.append(f"{'attack':<10} {'frac':>4} | {'acc on':>7} {'d on':>6} {'vs abs':>6} {'vs exc':>6} {'acc off':>8} {'d off':>6} | "
                      f"{'tgt on':>6} {'tgt off':>7} {'fair':>5} | {'max on':>6} {'max off':>7}")
         keys = sorted({(r["attack"], r["fraction"]) for r in rs}, key=lambda k: (k[0] != "clean", ATTACKS.index(k[0])
                                                                                   if k[0] in ATTACKS else -1, k[1]))
@@ -143,17 +145,22 @@ def table(results: dict) -> list[str]:
                     cell[on] = {
                         "acc": 100 * np.mean([r[acc] for r in sel]),
                         "d": 100 * np.mean([r[acc] - clean[r["seed"]] for r in sel if r["seed"] in clean]),
-                        "abs": 100 * np.mean([r[acc] - absent[r["seed"], frac] for r in sel if (r["seed"], frac) in absent])
-                        if any((r["seed"], frac) in absent for r in sel) else float("nan"),
+                        **{name[:3]: _paired(sel, ceiling, frac, acc) for name, ceiling in ceilings.items()},
                         "tgt": 100 * np.mean([r["target_share"] for r in sel]),
                         "max": max(r["max_ratio"] for r in sel),
                     }
             f = lambda on, k, w, p=1: (f"{cell[on][k]:{w}.{p}f}" if on in cell and np.isfinite(cell[on][k])  # noqa: E731
                                        else f"{'-':>{w}}")
-            lines.append(f"{attack:<10} {frac:>4.1f} | {f(True, 'acc', 7)} {f(True, 'd', 6)} {f(True, 'abs', 6)} {f(False, 'acc', 8)} "
+            lines.append(f"{attack:<10} {frac:>4.1f} | {f(True, 'acc', 7)} {f(True, 'd', 6)} {f(True, 'abs', 6)} {f(True, 'exc', 6)} {f(False, 'acc', 8)} "
                          f"{f(False, 'd', 6)} | {f(True, 'tgt', 6)} {f(False, 'tgt', 7)} {100 * frac:5.0f} | "
                          f"{f(True, 'max', 6, 2)} {f(False, 'max', 7, 2)}")
     return lines
+
+
+def _paired(sel: list[dict], ceiling: dict, frac: float, acc: str) -> float:
+    """Mean change (points) of the runs ``sel`` against ``ceiling`` at the same seed and fraction."""
+    pairs = [r[acc] - ceiling[r["seed"], frac] for r in sel if (r["seed"], frac) in ceiling]
+    return 100 * float(np.mean(pairs)) if pairs else float("nan")
 
 
 def main(argv=None) -> None:

@@ -64,6 +64,8 @@ _HOME = {
     "round_cost": "accounting",
     "probe_cost": "accounting",
     "signal_problem": "robust",
+    "sits_out": "robust",
+    "sitting_out": "defences",
     "round_load": "load",
     "server_step": "aggregate",
     "solver_score": "fitness",

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..layout import ParamLayout
 from .aggregate import ClientUpdate
-from .robust import (cap_capture, cap_shares, direction_scores, median_norm, reference_cosine, token_weights,
-                     trust_factors, trusted_samples)
+from .profiles import ClientProfile
+from .robust import (cap_capture, cap_shares, direction_scores, median_norm, reference_cosine, sits_out,
+                     token_weights, trust_factors, trusted_samples)
 from .state import AlignmentState
 
 if TYPE_CHECKING:  # the round's types; round.py imports this module
@@ -144,6 +145,30 @@ def check_trust(accepted: list[tuple[str, Received]], params: Mapping[str, np.nd
         if factors[cid] <= 0:
             rejected[cid] = f"update points away from the server's reference update (cosine {cosines[cid]:.2f})"
     return [(cid, r) for cid, r in accepted if factors[cid] > 0], factors, cosines
+
+
+def record_refusals(state: AlignmentState, refused: list[str], rnd: int) -> AlignmentState:
+    """Count round ``rnd``'s trust-check refusals in the clients' profiles (:func:`sitting_out`)."""
+    if not refused:
+        return state
+    profiles = dict(state.profiles)
+    for cid in refused:
+        p = profiles.get(cid, ClientProfile())
+        profiles[cid] = replace(p, rounds_refused=p.rounds_refused + 1, last_refused=int(rnd))
+    return replace(state, profiles=profiles)
+
+
+def sitting_out(profiles: Mapping[str, ClientProfile], client_ids: list[str], rnd: int, after: int) -> set[str]:
+    """The clients of ``client_ids`` left out of round ``rnd``'s training cohort
+    (:func:`~fedmoe_flwr.core.robust.sits_out`; ``after <= 0``: none)."""
+    if after <= 0:
+        return set()
+    out = set()
+    for cid in client_ids:
+        p = profiles.get(cid)
+        if p is not None and sits_out(p.rounds_refused, p.rounds_completed, p.last_refused, rnd, after):
+            out.add(cid)
+    return out
 
 
 def record_influence(state: AlignmentState, updates: list[ClientUpdate], keys: list[str]) -> AlignmentState:

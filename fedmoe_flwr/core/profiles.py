@@ -38,6 +38,8 @@ class ClientProfile:
         reliability: smoothed completion rate, ``None`` until the first round is seen.
         rounds_seen: rounds this client was asked to train.
         rounds_completed: rounds whose reply arrived (in time and valid).
+        rounds_refused: rounds whose (completed) update the trust check refused.
+        last_refused: the last such round (0 = never).
     """
 
     memory_bytes: float = math.inf
@@ -52,6 +54,8 @@ class ClientProfile:
     reliability: float | None = None
     rounds_seen: int = 0
     rounds_completed: int = 0
+    rounds_refused: int = 0
+    last_refused: int = 0
 
     def effective_samples_per_s(self) -> float:
         """Measured compute speed, else declared, else :data:`DEFAULT_SAMPLES_PER_S`."""

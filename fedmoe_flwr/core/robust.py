@@ -18,7 +18,10 @@ check (docs/robustness.md#robustness).
 - trust (``trust_samples > 0`` and a reference update, as FLTrust): the server trains the
   round's global model on its own small root sample; a client whose delta points away from
   that reference update (cosine <= 0) is not aggregated, and one that agrees less than the
-  round's median client has its weights scaled down by ``cosine / median``.
+  round's median client has its weights scaled down by ``cosine / median``;
+- sitting out (``sit_out_after``): a client the trust check refused at least that many
+  times, and more often than it passed it, is left out of the training cohorts for a while
+  (:func:`sits_out`), so known attackers stop taking the cohort's places.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class RobustSettings:
     min_agreement: float = 0.0  # reject a client whose cosine with the median delta < this x the median client's; 0 = off
     trust_samples: int = 100  # root samples of the server's reference update (FLTrust); 0 = off
     max_capture: float = 0.5  # a client's share of an expert's weight summed over rounds <= this; 0 = off
+    sit_out_after: int = 2  # refusals by the trust check before a client sits out rounds (sits_out); 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -60,10 +64,34 @@ class RobustSettings:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement!r}")
         if not 0.0 <= self.max_capture <= 1.0:
             raise ValueError(f"max_capture must be in [0, 1], got {self.max_capture!r}")
+        if self.sit_out_after < 0:
+            raise ValueError(f"sit_out_after must be >= 0, got {self.sit_out_after!r}")
         if self.trust_samples < 0:
             raise ValueError(f"trust_samples must be >= 0, got {self.trust_samples!r}")
         if self.clip == "fixed" and not (self.clip_norm is not None and self.clip_norm > 0):
             raise ValueError(f"clip=fixed needs clip_norm > 0, got {self.clip_norm!r}")
+
+
+MAX_SIT_OUT_ROUNDS = 64
+"""The longest a client sits out after one refusal (:func:`sits_out`)."""
+
+
+def sits_out(refused: int, completed: int, last_refused: int, rnd: int, after: int) -> bool:
+    """Whether a client is left out of round ``rnd``'s training cohort.
+
+    ``refused`` of its ``completed`` updates were refused by the trust check, the last in
+    round ``last_refused``. With at least ``after`` refusals and ``e = refused - passed > 0``
+    (more refused than passed), it sits out the ``2^(e-1)`` rounds after its last refusal
+    (at most :data:`MAX_SIT_OUT_ROUNDS`), then comes back: a sign-flipping client, refused
+    every time, sits out 2, 4, 8, ... rounds, while an honest client the check refuses now
+    and then (8-13 % of honest updates on the quickstart) passes more often than not and
+    never sits out. Known attackers then stop taking places an honest client could use.
+    ``after <= 0``: never.
+    """
+    excess = refused - (completed - refused)
+    if after <= 0 or refused < after or excess <= 0:
+        return False
+    return rnd - last_refused <= min(2 ** (excess - 1), MAX_SIT_OUT_ROUNDS)
 
 
 def trusted_samples(claimed: float, registered: float | None, drift: float) -> float:

@@ -28,7 +28,8 @@ from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
 from .privacy import SHARED, DPSettings, add_group_noise
 from .profiles import update_profiles
-from .defences import capture_max, check_directions, check_trust, clip_bound, record_influence, trusted_updates
+from .defences import (capture_max, check_directions, check_trust, clip_bound, record_influence, record_refusals,
+                       trusted_updates)
 from .robust import RobustSettings, signal_consistency, signal_problem
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
@@ -295,7 +296,9 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         observations[cid] = {**observations.get(cid, {}), "completed": False}
     # one the trust check refuses did its work in time: its profile (reliability) is unchanged
     reference = inputs.reference if settings.robust.trust_samples > 0 else None
+    checked = [cid for cid, _ in accepted]
     accepted, trust, cosines = check_trust(accepted, params, reference, rejected)
+    refused = sorted(set(checked) - {cid for cid, _ in accepted})
     new_params, noise, fallbacks = None, {}, 0
     updates = trusted_updates(accepted, inputs, layout, settings, trust, state)
     aggregated = _dp_weights(updates, settings)
@@ -313,6 +316,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
         state = replace(state, opt_state=opt_state)
 
     state = replace(state, profiles=update_profiles(state.profiles, observations, ema=settings.profile_ema))
+    state = record_refusals(state, refused, inputs.round)
     keys, layer_of = layout.expert_keys, layout.layer_of
     trained = [np.array([k in u.held for k in keys]) for u in updates]
     silent = np.full(len(keys), np.nan)

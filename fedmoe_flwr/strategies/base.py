@@ -205,9 +205,14 @@ class ExpertStrategy(Strategy):
         """Sample a cohort, assign its experts, send each node the shared tensors and its experts."""
         self._global = {name: arr.numpy() for name, arr in arrays.items()}
         nodes = self.eligible_nodes(server_round, self._known_nodes(grid, arrays, server_round))
-        cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train")
         self._cohort = _Cohort()
         self.last = RoundLog()
+        out = core.sitting_out(self.state.profiles, [self.node_clients[n] for n in nodes], server_round,
+                               self.settings.robust.sit_out_after)
+        if out:  # refused by the trust check more often than not: its place goes to another client
+            nodes = [n for n in nodes if self.node_clients[n] not in out]
+            self.last.metrics["sitting_out"] = float(len(out))
+        cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train")
         if not cohort:
             return []
         if self.reprobe:
