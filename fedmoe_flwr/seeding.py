@@ -21,12 +21,16 @@ def rng_for(seed: int, *parts: int | str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(words))
 
 
-def sample_cohort(nodes: list, seed: int, purpose: str, rnd: int, fraction: float, minimum: int) -> list:
+def sample_cohort(nodes: list, seed: int, purpose: str, rnd: int, fraction: float, minimum: int,
+                  exclude: frozenset | set = frozenset()) -> list:
     """``max(round(len(nodes) * fraction), minimum)`` of ``nodes`` drawn from ``(seed, purpose, round)``.
 
     The draw is over positions, and the result keeps the input order, so a caller that
     orders nodes by stable client id gets cohorts independent of Flower's node ids.
+    ``exclude``d nodes count for the cohort's size but are not drawn: their places go to
+    the others (while there are others).
     """
-    size = min(len(nodes), max(int(round(len(nodes) * fraction)), minimum))
-    pick = rng_for(seed, purpose, rnd).choice(len(nodes), size=size, replace=False)
-    return [nodes[i] for i in sorted(pick)]
+    size = max(int(round(len(nodes) * fraction)), minimum)
+    pool = [n for n in nodes if n not in exclude] if exclude else nodes
+    pick = rng_for(seed, purpose, rnd).choice(len(pool), size=min(len(pool), size), replace=False)
+    return [pool[i] for i in sorted(pick)]

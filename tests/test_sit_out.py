@@ -112,3 +112,15 @@ def test_excluded_nodes_the_benchmarks_ceiling_are_never_registered_nor_sampled(
         sent = {strat.node_clients[m.metadata.dst_node_id] for m in msgs}
         assert sent == {str(i) for i in range(cfg.dataset.num_clients) if i not in malicious}
     assert not {str(m) for m in malicious} & set(strat.node_clients.values())
+
+
+@given(st.integers(1, 40), st.floats(0.05, 1.0), st.integers(1, 5), st.sets(st.integers(0, 39)), st.integers(0, 99))
+def test_a_client_sitting_out_gives_its_place_to_another(n, fraction, minimum, out, rnd):
+    from fedmoe_flwr.seeding import sample_cohort
+
+    nodes = list(range(n))
+    plain = sample_cohort(nodes, 7, "train", rnd, fraction, minimum)
+    assert sample_cohort(nodes, 7, "train", rnd, fraction, minimum, set()) == plain, "nobody out: the same draw"
+    cohort = sample_cohort(nodes, 7, "train", rnd, fraction, minimum, out)
+    assert not set(cohort) & out and cohort == sorted(cohort)
+    assert len(cohort) == min(len(plain), n - len(out & set(nodes))), "the cohort keeps its size while others remain"

@@ -210,9 +210,9 @@ class ExpertStrategy(Strategy):
         out = core.sitting_out(self.state.profiles, [self.node_clients[n] for n in nodes], server_round,
                                self.settings.robust.sit_out_after)
         if out:  # refused by the trust check more often than not: its place goes to another client
-            nodes = [n for n in nodes if self.node_clients[n] not in out]
             self.last.metrics["sitting_out"] = float(len(out))
-        cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train")
+        cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train",
+                              exclude={n for n in nodes if self.node_clients[n] in out})
         if not cohort:
             return []
         if self.reprobe:
@@ -406,11 +406,12 @@ class ExpertStrategy(Strategy):
         layer_of = self.layout.layer_of
         return core.signal_problem(hist, layer_of, "routing histogram") or core.signal_problem(gate, layer_of, "gate share")
 
-    def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str) -> list[int]:
+    def _sample(self, nodes: list[int], rnd: int, fraction: float, minimum: int, purpose: str,
+                exclude: set[int] = frozenset()) -> list[int]:
         if len(nodes) < self.min_available_nodes:
             log(WARNING, "round %d: %d nodes available, %d required; skipping %s", rnd, len(nodes), self.min_available_nodes, purpose)
             return []
-        return sample_cohort(nodes, self.seed, purpose, rnd, fraction, minimum)
+        return sample_cohort(nodes, self.seed, purpose, rnd, fraction, minimum, exclude)
 
     def _problem(self, rnd: int, nodes: list[int]) -> core.AssignmentProblem:
         return core.build_problem(
