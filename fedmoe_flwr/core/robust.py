@@ -85,7 +85,8 @@ def sits_out(refused: int, completed: int, last_refused: int, rnd: int, after: i
     (at most :data:`MAX_SIT_OUT_ROUNDS`), then comes back: a sign-flipping client, refused
     every time, sits out 2, 4, 8, ... rounds, while an honest client the check refuses now
     and then (8-13 % of honest updates on the quickstart) passes more often than not and
-    never sits out. Known attackers then stop taking places an honest client could use.
+    sits out only after an unlucky start, for a round or two. Known attackers then stop
+    taking places an honest client could use.
     ``after <= 0``: never.
     """
     excess = refused - (completed - refused)
