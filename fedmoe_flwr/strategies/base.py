@@ -210,8 +210,9 @@ class ExpertStrategy(Strategy):
         robust = self.settings.robust  # without the trust check nobody is refused: skip the pass over all nodes
         out = core.sitting_out(self.state.profiles, [self.node_clients[n] for n in nodes], server_round,
                                robust.sit_out_after) if robust.trust_samples > 0 else set()
-        exclude = {n for n in nodes if self.node_clients[n] in out} if out else set()
+        exclude: set[int] = set()
         if out:  # refused by the trust check more often than not: its place goes to another client
+            exclude = {n for n in nodes if self.node_clients[n] in out}
             self.last.metrics["sitting_out"] = float(len(out))
         cohort = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "train", exclude)
         if not cohort:
