@@ -309,6 +309,7 @@ def check_config(cfg: Config) -> list[str]:
     need(s.trust_samples >= 0, "strategy.trust_samples", "must be >= 0 (0 = no trust check)")
     need(0 <= s.max_capture <= 1, "strategy.max_capture", "must be in [0, 1] (0 = off)")
     need(s.sit_out_after >= 0, "strategy.sit_out_after", "must be >= 0 (0 = never sit out)")
+    need(0 <= s.trust_quorum <= 1, "strategy.trust_quorum", "must be in [0, 1] (0 = off)")
     need(0 <= s.byzantine_fraction < 0.5, "strategy.byzantine_fraction", "must be in [0, 0.5)")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
     need(s.clip in CLIPS and (s.clip != "fixed" or (s.clip_norm or 0) > 0), "strategy.clip", f"one of {CLIPS}; fixed needs clip_norm > 0")

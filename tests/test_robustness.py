@@ -129,6 +129,7 @@ def test_a_second_node_claiming_a_connected_clients_id_is_refused():
     {"num_rounds": 0}, {"strategy": {"server_opt": "bogus"}}, {"strategy": {"foo": 1}},
     {"strategy": {"aggregator": "krumm"}}, {"strategy": {"max_capture": 2.0}}, {"strategy": {"trust_samples": -1}},
     {"strategy": {"sit_out_after": -1}},
+    {"strategy": {"trust_quorum": 1.5}},
 ])
 def test_configs_that_would_train_nothing_are_refused(override):
     """Finding: lr=-1, batch_size=0, every tier with 0 experts, ... exited 0."""

@@ -50,6 +50,51 @@ def test_a_sign_flipped_update_is_rejected_and_a_weak_one_damped():
     assert "evil" in none.accepted, "no reference, no check"
 
 
+def test_the_clip_bound_is_the_cohorts_median_when_scalers_outnumber_the_trusted_honest():
+    """x10 scaling keeps an honest direction, so the trust check keeps it; where it refuses
+    many honest clients of a round (label skew), the scalers can be most of those left and
+    the survivors' median norm is theirs. The median over every checked reply is honest."""
+    ref = {n: np.full_like(a, 0.1) for n, a in GLOBAL.items()}
+    honest = {f"h{i}": (_reply(0.1, [0, 1]), [0, 1]) for i in range(2)}
+    scaled = {f"x{i}": (_reply(1.0, [0, 1]), [0, 1]) for i in range(3)}
+    away = {f"a{i}": (_reply(-0.1, [0, 1]), [0, 1]) for i in range(4)}  # honest norms, refused
+    _, new, stats = _round({**honest, **scaled, **away}, ref)
+    assert set(stats.accepted) == set(honest) | set(scaled), "an honest direction passes the trust check"
+    assert set(away) <= set(stats.rejected)
+    for name in ("w", "e0", "e1"):
+        np.testing.assert_allclose(new[name], 0.1, rtol=1e-9)
+    _, survivors_only, _ = _round({**honest, **scaled}, ref)
+    assert survivors_only["w"].min() > 0.5, "the survivors' median alone is the scalers' norm"
+
+
+def test_a_round_the_trust_check_mostly_refuses_takes_a_smaller_step_with_a_quorum():
+    """Seed 1 of the quickstart: the trust check kept 1 of 9 honest replies in round 28, and
+    that label-skewed client alone moved the model from 91 % to 52 %."""
+    ref = {n: np.full_like(a, 0.1) for n, a in GLOBAL.items()}
+    replies = {"kept": (_reply(0.1, [0, 1]), [0, 1]), **{f"a{i}": (_reply(-0.1, [0, 1]), [0, 1]) for i in range(4)}}
+    _, full, stats = _round(replies, ref)
+    assert stats.accepted == ("kept",)
+    np.testing.assert_allclose(full["w"], 0.1, rtol=1e-9)
+    _, damped, _ = _round(replies, ref, trust_quorum=0.5)
+    np.testing.assert_allclose(damped["w"], 0.1 * 1 / (0.5 * 5), rtol=1e-9)
+    np.testing.assert_allclose(damped["e0"], 0.1 * 1 / (0.5 * 5), rtol=1e-9)
+    _, plain, _ = _round(replies, None)
+    _, no_reference, _ = _round(replies, None, trust_quorum=0.5)
+    assert all(np.array_equal(plain[n], no_reference[n]) for n in plain), "nothing refused: the full step"
+
+
+@given(st.integers(0, 50), st.integers(0, 50), st.floats(0, 1))
+def test_quorum_scale_is_one_at_the_quorum_and_proportional_below(kept, extra, quorum):
+    checked = kept + extra
+    s = core.robust.quorum_scale(kept, checked, quorum)
+    assert 0.0 <= s <= 1.0
+    if quorum <= 0 or checked == 0 or kept >= quorum * checked:
+        assert s == 1.0
+    else:
+        assert s == pytest.approx(kept / (quorum * checked))
+    assert core.robust.quorum_scale(min(kept + 1, checked), checked, quorum) >= s
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.text(min_size=1, max_size=4), st.floats(-1, 1), min_size=1, max_size=20))
 def test_trust_factors_are_in_unit_range_zero_when_pointing_away_and_monotone(cosines):

@@ -85,28 +85,46 @@ CORE_CLIP_FACTOR = 2.0
 
 
 def clip_bound(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], layout: ParamLayout,
-               settings: RoundSettings, trust: Mapping[str, float] | None = None) -> float | None:
+               settings: RoundSettings, trust: Mapping[str, float] | None = None,
+               checked: Mapping[str, float] | None = None) -> float | None:
     """The round's clipping bound: ``clip_norm`` (``clip=fixed``), or the median delta norm
-    (``clip=median``). With trust factors it is also at most :data:`CORE_CLIP_FACTOR` times the
+    (``clip=median``).
+
+    With trust factors the median bound is also at most :data:`CORE_CLIP_FACTOR` times the
     median norm of the clients that agree with the server's reference at least as well as the
     median client (factor 1): a cohort that by chance is half attackers with huge updates
     cannot raise the bound to their size, while honest rounds keep the plain median (the core
-    alone is tighter: it cost FMNIST ~5 points when used as the bound)."""
+    alone is tighter: it cost FMNIST ~5 points when used as the bound).
+
+    ``checked`` holds the delta norms of every reply the trust check saw, refused or not: the
+    bound is also at most their median. A median is robust while fewer than half of whom it
+    is taken over lie; the cohort is drawn by the server, the trust check's survivors are not:
+    on label-skewed data it refuses many honest clients of a round, and clients that scale an
+    honest direction (which it keeps) can be most of those left."""
     if settings.robust.clip == "fixed":
         return settings.robust.clip_norm
     if settings.robust.clip != "median" or len(updates) < 2:
         return None
-    norms = {u.client_id: _delta_norm(u, params, layout) for u in updates}
+    norms = {u.client_id: _norm(u.params, u.held, params, layout) for u in updates}
     bound = median_norm(norms)
     core = {c: v for c, v in norms.items() if (trust or {}).get(c, 1.0) >= 1.0}
     if trust and core and bound is not None:
         bound = min(bound, CORE_CLIP_FACTOR * median_norm(core))
+    if checked and bound is not None:
+        bound = min(bound, median_norm(checked))
     return bound
 
 
-def _delta_norm(u: ClientUpdate, params: Mapping[str, np.ndarray], layout: ParamLayout) -> float:
-    names = [n for n in u.params if layout.expert_of.get(n, None) in u.held or n not in layout.expert_of]
-    return float(np.sqrt(sum(float(np.sum((u.params[n].astype(np.float64) - params[n]) ** 2)) for n in names)))
+def delta_norms(replies: list[tuple[str, Received]], sent: Mapping, params: Mapping[str, np.ndarray],
+                layout: ParamLayout) -> dict[str, float]:
+    """Each reply's delta norm over the tensors aggregation counts (:func:`clip_bound`'s ``checked``)."""
+    return {cid: _norm(r.params, frozenset(sent[cid].experts), params, layout) for cid, r in replies}
+
+
+def _norm(trained: Mapping[str, np.ndarray], held, params: Mapping[str, np.ndarray], layout: ParamLayout) -> float:
+    """The delta's L2 norm over the shared tensors and those of the ``held`` experts."""
+    names = [n for n in trained if layout.expert_of.get(n, None) in held or n not in layout.expert_of]
+    return float(np.sqrt(sum(float(np.sum((np.asarray(trained[n], np.float64) - params[n]) ** 2)) for n in names)))
 
 
 def check_directions(accepted: list[tuple[str, Received]], params: Mapping[str, np.ndarray], layout: ParamLayout,

@@ -19,6 +19,8 @@ check (docs/robustness.md#robustness).
   round's global model on its own small root sample; a client whose delta points away from
   that reference update (cosine <= 0) is not aggregated, and one that agrees less than the
   round's median client has its weights scaled down by ``cosine / median``;
+- quorum (``trust_quorum``, off by default): a round whose trust check keeps fewer than
+  that share of the replies it checked takes a proportionally smaller step (:func:`quorum_scale`);
 - sitting out (``sit_out_after``): a client the trust check refused at least that many
   times, and more often than it passed it, is left out of the training cohorts for a while
   (:func:`sits_out`), so known attackers stop taking the cohort's places.
@@ -52,6 +54,7 @@ class RobustSettings:
     trust_samples: int = 100  # root samples of the server's reference update (FLTrust); 0 = off
     max_capture: float = 0.5  # a client's share of an expert's weight summed over rounds <= this; 0 = off
     sit_out_after: int = 2  # refusals by the trust check before a client sits out rounds (sits_out); 0 = off
+    trust_quorum: float = 0.0  # a round whose trust check keeps < this share of the replies takes a smaller step (quorum_scale); 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -66,6 +69,8 @@ class RobustSettings:
             raise ValueError(f"max_capture must be in [0, 1], got {self.max_capture!r}")
         if self.sit_out_after < 0:
             raise ValueError(f"sit_out_after must be >= 0, got {self.sit_out_after!r}")
+        if not 0.0 <= self.trust_quorum <= 1.0:
+            raise ValueError(f"trust_quorum must be in [0, 1], got {self.trust_quorum!r}")
         if self.trust_samples < 0:
             raise ValueError(f"trust_samples must be >= 0, got {self.trust_samples!r}")
         if self.clip == "fixed" and not (self.clip_norm is not None and self.clip_norm > 0):
@@ -93,6 +98,20 @@ def sits_out(refused: int, completed: int, last_refused: int, rnd: int, after: i
     if after <= 0 or refused < after or excess <= 0:
         return False
     return rnd - last_refused <= min(2 ** (excess - 1), MAX_SIT_OUT_ROUNDS)
+
+
+def quorum_scale(kept: int, checked: int, quorum: float) -> float:
+    """The scale of a round's step when the trust check kept ``kept`` of the ``checked``
+    replies: 1 while ``kept >= quorum * checked``, else ``kept / (quorum * checked)``.
+
+    When the server's reference agrees with few clients of a round (label skew, or a model near
+    convergence whose root-sample update is mostly noise), the few it keeps are not the
+    federation: one label-skewed survivor alone moved the quickstart from 91 % to 52 % in one
+    round. Their step shrinks in proportion instead. ``quorum <= 0`` or nothing checked: 1.
+    """
+    if quorum <= 0 or checked <= 0:
+        return 1.0
+    return min(1.0, kept / (quorum * checked))
 
 
 def trusted_samples(claimed: float, registered: float | None, drift: float) -> float:

@@ -28,9 +28,9 @@ from .fitness import FitnessSettings, fitness_signal, update_fitness
 from .load import load_cv, round_load, update_load
 from .privacy import SHARED, DPSettings, add_group_noise
 from .profiles import update_profiles
-from .defences import (capture_max, check_directions, check_trust, clip_bound, record_influence, record_refusals,
+from .defences import (capture_max, check_directions, check_trust, clip_bound, delta_norms, record_influence, record_refusals,
                        trusted_updates)
-from .robust import RobustSettings, signal_consistency, signal_problem
+from .robust import RobustSettings, quorum_scale, signal_consistency, signal_problem
 from .state import AlignmentState, advance_round
 from .validate import validate_report, validate_update
 
@@ -297,6 +297,7 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     # one the trust check refuses did its work in time: its profile (reliability) is unchanged
     reference = inputs.reference if settings.robust.trust_samples > 0 else None
     checked = [cid for cid, _ in accepted]
+    checked_norms = delta_norms(accepted, inputs.sent, params, layout) if reference is not None else None
     accepted, trust, cosines = check_trust(accepted, params, reference, rejected)
     refused = sorted(set(checked) - {cid for cid, _ in accepted})
     new_params, noise, fallbacks = None, {}, 0
@@ -305,12 +306,15 @@ def apply_round(state: AlignmentState, params: Mapping[str, np.ndarray], layout:
     if updates:
         _, delta, agg = aggregate_experts(dict(params), aggregated, layout,
                                           method=settings.robust.aggregator,
-                                          clip_norm=clip_bound(updates, params, layout, settings, trust),
+                                          clip_norm=clip_bound(updates, params, layout, settings, trust, checked_norms),
                                           lora=settings.lora_aggregation,
                                           byzantine_fraction=settings.robust.byzantine_fraction)
         fallbacks = len(agg["fallbacks"])
         if settings.dp.dp_enabled:
             delta, noise = _dp_noise(delta, agg, len(updates), layout, settings, inputs.noise_rng)
+        step = quorum_scale(len(accepted), len(checked), settings.robust.trust_quorum)
+        if step < 1.0:  # after the noise: post-processing, the privacy accounting is unchanged
+            delta = {n: d * step for n, d in delta.items()}
         new_params, opt_state = server_step(dict(params), delta, state.opt_state, kind=settings.server_opt,
                                             lr=settings.server_lr, touched=set(agg["touched"]), row_masks=agg["row_masks"])
         state = replace(state, opt_state=opt_state)
