@@ -20,7 +20,7 @@ from .robust import (cap_capture, cap_shares, direction_scores, median_norm, ref
 from .state import AlignmentState
 
 if TYPE_CHECKING:  # the round's types; round.py imports this module
-    from .round import Received, RoundInputs, RoundSettings
+    from .round import Received, RoundInputs, RoundSettings, Sent
 
 
 def _rounds(influence: np.ndarray) -> np.ndarray:
@@ -105,7 +105,9 @@ def clip_bound(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], la
         return settings.robust.clip_norm
     if settings.robust.clip != "median" or len(updates) < 2:
         return None
-    norms = {u.client_id: _norm(u.params, u.held, params, layout) for u in updates}
+    checked = checked or {}
+    norms = {u.client_id: checked[u.client_id] if u.client_id in checked else _norm(u.params, u.held, params, layout)
+             for u in updates}  # a survivor's norm is already among the checked ones
     bound = median_norm(norms)
     core = {c: v for c, v in norms.items() if (trust or {}).get(c, 1.0) >= 1.0}
     if trust and core and bound is not None:
@@ -115,7 +117,7 @@ def clip_bound(updates: list[ClientUpdate], params: Mapping[str, np.ndarray], la
     return bound
 
 
-def delta_norms(replies: list[tuple[str, Received]], sent: Mapping, params: Mapping[str, np.ndarray],
+def delta_norms(replies: list[tuple[str, Received]], sent: Mapping[str, Sent], params: Mapping[str, np.ndarray],
                 layout: ParamLayout) -> dict[str, float]:
     """Each reply's delta norm over the tensors aggregation counts (:func:`clip_bound`'s ``checked``)."""
     return {cid: _norm(r.params, frozenset(sent[cid].experts), params, layout) for cid, r in replies}
