@@ -233,7 +233,9 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     ``rejected`` (client id -> reason), ``expert_clients`` and ``expert_tokens`` (per expert,
     this round's aggregated updates), ``weights`` (client id -> ``shared`` and expert key ->
     the aggregation weight the server gave it, after the robust caps), ``trust`` (client id ->
-    the cosine of its delta with the server's reference update, when the trust check ran), ``tiers`` (client id -> device tier, on the first row
+    the cosine of its delta with the server's reference update, when the trust check ran),
+    ``refused_claims`` (node id -> [client id it claimed, fresh id it trains under], when a node
+    claimed an id bound to another connected node: docs/robustness.md#identity), ``tiers`` (client id -> device tier, on the first row
     and whenever it changed since ``tiers_known``), ``fitness`` (``clients`` in row order and
     ``Q`` rounded to 5 decimals; every round for small fleets, else every 10th and the final;
     at most :data:`FITNESS_MAX_CLIENTS` clients, evenly spaced in row order).
@@ -252,6 +254,9 @@ def round_details(last, state, server_round: int, *, final: bool = False, tiers_
     trust = getattr(last, "trust", None) or {}
     if trust:
         row["trust"] = {str(c): _clean(round(float(v), 4)) for c, v in trust.items()}
+    refused = getattr(last, "refused_claims", None) or {}
+    if refused:
+        row["refused_claims"] = {str(n): [str(claimed), str(given)] for n, (claimed, given) in refused.items()}
     tiers = {str(c): (p.compute_tier or "") for c, p in state.profiles.items()}
     if tiers != (tiers_known or {}):
         row["tiers"] = tiers

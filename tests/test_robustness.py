@@ -17,7 +17,13 @@ from fedmoe_flwr import protocol as P
 from fedmoe_flwr.config import to_config
 from fedmoe_flwr.core.robust import direction_scores
 from fedmoe_flwr.layout import ParamLayout
-from tests.test_strategy import _with_id, build_setup
+from fedmoe_flwr.tracking import round_details
+from fedmoe_flwr.bench.attackers import AttackPlan, attacked_client_app, choose_malicious, choose_victims
+from fedmoe_flwr.client.app import make_client_app
+from fedmoe_flwr.config import flatten
+from fedmoe_flwr.experiment import experiment_for
+from fedmoe_flwr.sim import LocalGrid
+from tests.test_strategy import _with_id, build_setup, small_config
 
 K = 4
 LAYOUT = ParamLayout(
@@ -108,7 +114,7 @@ def test_a_reply_delivered_twice_is_aggregated_once_and_unsent_nodes_are_ignored
     assert strat.last.metrics["num_aggregated"] == len(replies) <= strat.last.metrics["num_sent"]
 
 
-def test_a_second_node_claiming_a_connected_clients_id_is_refused():
+def test_a_second_node_claiming_a_connected_clients_id_is_refused_that_id_and_trains_under_a_fresh_one():
     """Finding: node 9 claiming client-id 5 with memory 0 locked the real client 5 out."""
     cfg, layout, grid, strat, arrays = build_setup("aligned")
     list(strat.configure_train(1, arrays, ConfigRecord(), grid))
@@ -118,8 +124,69 @@ def test_a_second_node_claiming_a_connected_clients_id_is_refused():
                     reply_to=_with_id(Message(RecordDict(), dst_node_id=999, message_type=MessageType.QUERY)))
     claim.metadata.__dict__["_src_node_id"] = 999
     strat._register([claim], live=set(strat.node_clients) | {999})
-    assert 999 not in strat.node_clients and strat.node_clients[victim_node] == victim
-    assert strat.state.profiles[victim] == before
+    assert strat.node_clients[victim_node] == victim and strat.state.profiles[victim] == before
+    assert strat.node_clients[999] == f"{victim}#2" and strat.node_claims[999] == victim
+    assert strat.state.profiles[f"{victim}#2"].memory_bytes == 0
+    row = round_details(strat.last, strat.state, 1)
+    assert row["refused_claims"] == {"999": [victim, f"{victim}#2"]}, "the refusal is on the record"
+
+
+def test_in_a_real_run_a_thief_and_its_victim_both_train_and_the_fresh_ids_probes_count():
+    """The real ClientApp with the benchmark's takeover attack, every client sampled, reprobe
+    on: the victims are not locked out, and a node under a fresh id has its probes folded."""
+    cfg = small_config()
+    cfg.strategy.fraction_train, cfg.strategy.reprobe = 1.0, True
+    cfg, _, _, layout = experiment_for(cfg)
+    n = cfg.dataset.num_clients
+    malicious = choose_malicious(n, 0.3, cfg.seed)
+    plan = AttackPlan("takeover", malicious, tuple(layout.expert_keys), cohort_size=n, seed=cfg.seed,
+                      victims=choose_victims(n, malicious, cfg.seed))
+    grid = LocalGrid(attacked_client_app(make_client_app(flatten(cfg)), plan), n, seed=cfg.seed)
+    _, _, _, strat, arrays = build_setup(cfg=cfg)
+    for rnd in (1, 2):
+        msgs = list(strat.configure_train(rnd, arrays, ConfigRecord(), grid))
+        arrays, _ = strat.aggregate_train(rnd, grid.send_and_receive(msgs))
+        if rnd == 1:
+            refused = dict(strat.last.refused_claims)
+    assert len(refused) == len(malicious), "one of each thief/victim pair holds the id, the other a fresh one"
+    assert len(strat.node_clients) == n and len(set(strat.node_clients.values())) == n, "nobody locked out"
+    fresh = [cid for _, cid in refused.values()]
+    assert all(strat.state.profiles[c].rounds_completed == 2 for c in fresh), "the fresh ids trained both rounds"
+    assert all(strat.state.fitness.seen[strat.state.client_index[c]] for c in fresh), "their probes were folded"
+
+
+def _claim(node: int, cid: str, digest: str = "") -> core.Claim:
+    return core.Claim(node, cid, digest or str(node))
+
+
+def test_new_nodes_claiming_one_free_id_in_a_batch_are_bound_by_digest_not_arrival_order():
+    claims = [_claim(7, "a", "ff"), _claim(3, "a", "00"), _claim(5, "b")]
+    ids = core.bind_client_ids(claims, bound={}, live={3, 5, 7})
+    assert ids == {3: "a", 5: "b", 7: "a#2"}
+    assert core.bind_client_ids(claims[::-1], bound={}, live={3, 5, 7}) == ids
+    assert list(ids) == [3, 5, 7], "claims given their own id keep the claims' order"
+
+
+def test_a_client_back_under_a_new_node_id_takes_its_id_over_unless_the_holder_is_connected():
+    assert core.bind_client_ids([_claim(8, "a")], bound={"a": 1}, live={8}) == {8: "a"}
+    assert core.bind_client_ids([_claim(8, "a")], bound={"a": 1, "a#2": 4}, live={1, 4, 8}) == {8: "a#3"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(["a", "b", "a#2"]), st.text("01", max_size=2)),
+                unique_by=lambda t: t[0], max_size=6),
+       st.dictionaries(st.sampled_from(["a", "b", "a#2", "c"]), st.integers(10, 13), max_size=3),
+       st.sets(st.integers(0, 13)))
+def test_every_claim_gets_an_id_and_no_connected_node_shares_one_or_loses_its_own(raw, bound, live):
+    claims = [_claim(n, cid, d) for n, cid, d in raw]
+    live = live | {c.node_id for c in claims}
+    ids = core.bind_client_ids(claims, bound, live)
+    assert set(ids) == {c.node_id for c in claims}
+    held = {cid: n for cid, n in bound.items() if n in live and n not in ids}
+    assert not set(held) & set(ids.values()), "an id bound to a connected node stays with it"
+    assert len(set(ids.values())) == len(ids)
+    for c in claims:
+        assert ids[c.node_id] == c.client_id or ids[c.node_id].startswith(c.client_id + "#")
 
 
 @pytest.mark.parametrize("override", [

@@ -43,8 +43,10 @@ HUGE_MEMORY = 1e15
 @dataclass
 class AttackPlan:
     """Who attacks and how. ``victims`` maps a takeover attacker's partition id to the
-    partition id whose client id it claims. ``trained_as`` collects the client ids under
-    which malicious nodes were sent TRAIN messages (who the server weighted as them)."""
+    partition id whose client id it claims. ``nodes`` maps a malicious partition id to its Flower
+    node id and ``trained`` collects the malicious partition ids sent a TRAIN message; with the
+    server's ``refused_claims`` they give the client ids it weighted as attackers
+    (:meth:`trained_as`)."""
 
     attack: str
     malicious: frozenset[int]
@@ -53,11 +55,18 @@ class AttackPlan:
     cohort_size: int = 10
     seed: int = 0
     victims: dict[int, int] = field(default_factory=dict)
-    trained_as: set[str] = field(default_factory=set)
+    nodes: dict[int, int] = field(default_factory=dict)
+    trained: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+
+    def trained_as(self, refused_claims: dict[int, str]) -> set[str]:
+        """The client ids the server trained the malicious nodes under: the id each claimed,
+        unless the server refused the claim and gave the node a fresh id (``refused_claims``:
+        node id -> id given)."""
+        return {refused_claims.get(self.nodes.get(pid, -1), str(self.victims.get(pid, pid))) for pid in self.trained}
 
 
 def choose_malicious(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
@@ -108,7 +117,7 @@ class _Rewriter:
         plan, keys = self.plan, self.plan.expert_keys
         sent, trained = P.decode_arrays(msg.content), P.decode_arrays(reply.content)
         report = P.decode_report(reply.content, len(keys))
-        plan.trained_as.add(str(plan.victims.get(pid, pid)))
+        plan.trained.add(pid)
         if plan.attack == "absent":
             return Message(Error(code=0, reason="withheld by a malicious node"), reply_to=msg)
         arrays = {n: self._payload(n, sent[n].astype(np.float64), t.astype(np.float64)).astype(t.dtype)
@@ -160,6 +169,8 @@ def attacked_client_app(inner: ClientApp, plan: AttackPlan) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         pid = evil(context)
+        if pid is not None:
+            plan.nodes[pid] = int(context.node_id)
         if pid is not None and plan.attack == "excluded":
             return Message(Error(code=0, reason="not part of the federation"), reply_to=msg)
         reply = inner(msg, context)

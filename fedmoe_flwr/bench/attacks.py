@@ -104,6 +104,8 @@ def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defen
         summary = run_server(LocalGrid(app, n, seed=seed), cfg, tmp)
         details = [json.loads(line) for line in (Path(tmp) / "details.jsonl").read_text().splitlines() if line]
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
+    given = {int(node): ids[1] for row in details for node, ids in row.get("refused_claims", {}).items()}
+    trained_as = plan.trained_as(given)
     crashes = {c: why for row in details for c, why in row.get("dropped", {}).items() if "Error" in why}
     if crashes:  # a bug in the wrapper would show up as dropped clients, not as a result
         raise RuntimeError(f"client apps raised: {dict(list(crashes.items())[:3])}")
@@ -111,9 +113,9 @@ def run_one(scenario: str, seed: int, attack: str | None, fraction: float, defen
            "defences": defences, "accuracy": summary["final_accuracy"],
            "accuracy_last": float(np.mean([r["accuracy"] for r in rows if r["round"] > 0 and "accuracy" in r][-LAST_EVALS:])),
            "rounds": cfg.num_rounds,
-           "num_clients": n, "malicious": sorted(malicious), "trained_as": sorted(plan.trained_as),
+           "num_clients": n, "malicious": sorted(malicious), "trained_as": sorted(trained_as),
            "rejected_total": summary.get("rejected_total"), "dropped_total": summary.get("dropped_total")}
-    out.update(influence(details, plan.trained_as, layout.expert_keys[0]))
+    out.update(influence(details, trained_as, layout.expert_keys[0]))
     return out
 
 

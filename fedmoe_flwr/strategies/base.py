@@ -19,6 +19,7 @@ All learning state is one :class:`~fedmoe_flwr.core.AlignmentState`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -152,7 +153,8 @@ class ExpertStrategy(Strategy):
             local_epochs=int(self.train_config.get("local-epochs", 1)), lora_aggregation=lora_aggregation,
         )
         self.state = core.init_state(self.expert_keys)
-        self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id
+        self.node_clients: dict[int, str] = {}  # Flower node id -> stable client id it trains under
+        self.node_claims: dict[int, str] = {}  # Flower node id -> the client id it declared
         self._registered_now: set[int] = set()  # nodes whose profile query ran this round
         self.num_examples: dict[str, int] = {}
         self.sim_time_total = 0.0
@@ -204,9 +206,9 @@ class ExpertStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Sample a cohort, assign its experts, send each node the shared tensors and its experts."""
         self._global = {name: arr.numpy() for name, arr in arrays.items()}
-        nodes = self.eligible_nodes(server_round, self._known_nodes(grid, arrays, server_round))
         self._cohort = _Cohort()
         self.last = RoundLog()
+        nodes = self.eligible_nodes(server_round, self._known_nodes(grid, arrays, server_round))
         robust = self.settings.robust  # without the trust check nobody is refused: skip the pass over all nodes
         out = core.sitting_out(self.state.profiles, [self.node_clients[n] for n in nodes], server_round,
                                robust.sit_out_after) if robust.trust_samples > 0 else set()
@@ -311,40 +313,45 @@ class ExpertStrategy(Strategy):
         return sorted(known, key=lambda n: self.node_clients[n])
 
     def _register(self, replies: Iterable[Message], live: set[int]) -> None:
-        """Bind nodes to the client ids their QUERY replies declare, and fold their profiles
-        (and probe histograms) into the state, all in one step (docs/robustness.md#identity).
+        """Bind nodes to client ids (:func:`~fedmoe_flwr.core.identity.bind_client_ids`) and fold
+        their profiles (and probe histograms) into the state, all in one step
+        (docs/robustness.md#identity).
 
-        An id already bound to another connected node is refused (an id takeover); a node
-        that comes back under a new node id takes its id over, and its declared memory can
-        only shrink (a profile cannot grow its own budget by re-registering). One
-        ``ensure_clients`` and one fitness update for the whole batch: one call per reply
-        copied the known-client arrays each time (O(new x known) at start-up).
+        A claim of an id bound to another connected node is refused (logged) and the node
+        trains under a fresh id; a node that comes back under a new node id takes its id over,
+        and its declared memory can only shrink (a profile cannot grow its own budget by
+        re-registering). One ``ensure_clients`` and one fitness update for the whole batch: one
+        call per reply copied the known-client arrays each time (O(new x known) at start-up).
         """
-        declared: dict[str, core.ClientProfile] = {}
-        probes: dict[str, tuple] = {}
-        bound = {c: n for n, c in self.node_clients.items()}  # client id -> node id
+        decoded: dict[int, tuple] = {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "node %s did not answer the profile query", node_id)
                 continue
             try:
-                prof, hist, gate = P.decode_probe(reply.content, len(self.expert_keys))
+                decoded.setdefault(node_id, P.decode_probe(reply.content, len(self.expert_keys)))
             except P.ProtocolError as ex:
                 log(WARNING, "node %s: profile query reply refused: %s", node_id, ex)
-                continue
-            holder = bound.get(prof.client_id)
-            if holder is not None and holder != node_id and holder in live:
-                log(WARNING, "node %s claims client id %r, already bound to connected node %s; refused",
-                    node_id, prof.client_id, holder)
-                continue
-            memory = math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes
+        bound = {c: n for n, c in self.node_clients.items()}  # client id -> node id
+        claims = [core.Claim(n, prof.client_id, _digest(prof, hist, gate)) for n, (prof, hist, gate) in decoded.items()]
+        ids = core.bind_client_ids(claims, bound, live)
+        declared: dict[str, core.ClientProfile] = {}
+        probes: dict[str, tuple] = {}
+        for node_id, cid in ids.items():
+            prof, hist, gate = decoded[node_id]
+            if cid != prof.client_id:
+                self.last.refused_claims[node_id] = (prof.client_id, cid)
+                log(WARNING, "node %s claims client id %r, already bound to connected node %s; claim refused, "
+                    "registered as %r", node_id, prof.client_id, bound.get(prof.client_id), cid)
+            holder = bound.get(cid)
             if holder is not None and holder != node_id:  # the same client back under a new node id
-                del self.node_clients[holder]
-            if prof.client_id in self.state.profiles:
-                memory = min(memory, self.state.profiles[prof.client_id].memory_bytes)
-            self.node_clients[node_id], bound[prof.client_id] = prof.client_id, node_id
-            declared[prof.client_id] = core.ClientProfile(
+                del self.node_clients[holder], self.node_claims[holder]
+            memory = math.inf if prof.expert_memory_bytes is None else prof.expert_memory_bytes
+            if cid in self.state.profiles:
+                memory = min(memory, self.state.profiles[cid].memory_bytes)
+            self.node_clients[node_id], self.node_claims[node_id], bound[cid] = cid, prof.client_id, node_id
+            declared[cid] = core.ClientProfile(
                 memory_bytes=memory,
                 compute_tier=prof.tier or None,
                 declared_samples_per_s=prof.samples_per_s,
@@ -353,9 +360,9 @@ class ExpertStrategy(Strategy):
                 declared_reliability=prof.reliability,
             )
             if prof.num_examples:
-                self.num_examples[prof.client_id] = prof.num_examples
+                self.num_examples[cid] = prof.num_examples
             if hist is not None and self._signal_problem(hist, gate) is None:
-                probes.setdefault(prof.client_id, (hist, gate))  # the first histogram of a cold row counts
+                probes.setdefault(cid, (hist, gate))  # the first histogram of a cold row counts
         if not declared:
             return
         self.state, _ = core.ensure_clients(self.state, list(declared), declared)
@@ -388,11 +395,11 @@ class ExpertStrategy(Strategy):
             except P.ProtocolError as ex:
                 log(WARNING, "round %d: node %s: probe reply refused: %s", rnd, node_id, ex)
                 continue
-            why = "it names another client" if prof.client_id != self.node_clients[node_id] else self._signal_problem(hist, gate)
+            why = "it names another client" if prof.client_id != self.node_claims[node_id] else self._signal_problem(hist, gate)
             if why is not None:
                 log(WARNING, "round %d: node %s: probe reply refused: %s", rnd, node_id, why)
                 continue
-            heard.setdefault(prof.client_id, (hist, gate))
+            heard.setdefault(self.node_clients[node_id], (hist, gate))
             seconds.append(took)
         if heard:
             cids = sorted(heard)  # client-id order: the fold does not depend on reply order
@@ -498,3 +505,11 @@ class ExpertStrategy(Strategy):
                                  num_sent=float(len(self._cohort.sent)), aggregate_time_s=time.perf_counter() - t0)
         self.last = replace(self.last, dropped=dict(stats.dropped), rejected=dict(stats.rejected), weights=dict(stats.weights),
                             trust=dict(stats.trust))
+
+
+def _digest(prof: P.NodeProfile, hist: np.ndarray | None, gate: np.ndarray | None) -> str:
+    """A reply's fingerprint: orders claims of one client id made in the same batch."""
+    h = hashlib.sha256(repr(prof).encode())
+    for a in (hist, gate):
+        h.update(b"-" if a is None else np.ascontiguousarray(a, np.float64).tobytes())
+    return h.hexdigest()

@@ -19,3 +19,4 @@ class RoundLog:
     dropped: dict[str, str] = field(default_factory=dict)
     weights: dict[str, dict[str, float]] = field(default_factory=dict)  # client -> "shared"/expert key -> weight
     trust: dict[str, float] = field(default_factory=dict)  # client -> cosine with the server's reference update
+    refused_claims: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (id claimed, id given)
