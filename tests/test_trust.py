@@ -72,9 +72,11 @@ def test_a_round_the_trust_check_mostly_refuses_takes_a_smaller_step_with_a_quor
     that label-skewed client alone moved the model from 91 % to 52 %."""
     ref = {n: np.full_like(a, 0.1) for n, a in GLOBAL.items()}
     replies = {"kept": (_reply(0.1, [0, 1]), [0, 1]), **{f"a{i}": (_reply(-0.1, [0, 1]), [0, 1]) for i in range(4)}}
-    _, full, stats = _round(replies, ref)
+    _, full, stats = _round(replies, ref, trust_quorum=0.0)
     assert stats.accepted == ("kept",)
     np.testing.assert_allclose(full["w"], 0.1, rtol=1e-9)
+    _, default, _ = _round(replies, ref)
+    np.testing.assert_allclose(default["w"], 0.1 * 1 / (0.3 * 5), rtol=1e-9, err_msg="on by default at 0.3")
     _, damped, _ = _round(replies, ref, trust_quorum=0.5)
     np.testing.assert_allclose(damped["w"], 0.1 * 1 / (0.5 * 5), rtol=1e-9)
     np.testing.assert_allclose(damped["e0"], 0.1 * 1 / (0.5 * 5), rtol=1e-9)

@@ -19,7 +19,7 @@ check (docs/robustness.md#robustness).
   round's global model on its own small root sample; a client whose delta points away from
   that reference update (cosine <= 0) is not aggregated, and one that agrees less than the
   round's median client has its weights scaled down by ``cosine / median``;
-- quorum (``trust_quorum``, off by default): a round whose trust check keeps fewer than
+- quorum (``trust_quorum``, 0.3 by default): a round whose trust check keeps fewer than
   that share of the replies it checked takes a proportionally smaller step (:func:`quorum_scale`);
 - sitting out (``sit_out_after``): a client the trust check refused at least that many
   times, and more often than it passed it, is left out of the training cohorts for a while
@@ -54,7 +54,7 @@ class RobustSettings:
     trust_samples: int = 100  # root samples of the server's reference update (FLTrust); 0 = off
     max_capture: float = 0.5  # a client's share of an expert's weight summed over rounds <= this; 0 = off
     sit_out_after: int = 2  # refusals by the trust check before a client sits out rounds (sits_out); 0 = off
-    trust_quorum: float = 0.0  # a round whose trust check keeps < this share of the replies takes a smaller step (quorum_scale); 0 = off
+    trust_quorum: float = 0.3  # a round whose trust check keeps < this share of the replies takes a smaller step (quorum_scale); 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -140,9 +140,12 @@ def cap_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
             break
         c = s * rest[k] / (1.0 - s * k)
         if desc[k] <= c * (1 + 1e-12) and (k == 0 or desc[k - 1] >= c):
-            return np.minimum(w, c) if k else w.copy()
+            out = np.minimum(w, c) if k else w.copy()
+            if out.max() / out.sum() <= s + 1e-9:
+                return out
+            break  # the level lost its precision (subnormal weights): see below
     # every share capped: equal weights, at the smallest (so none grows; also when the level
-    # underflows, as with subnormal weights)
+    # underflows or loses its precision, as with subnormal weights)
     return np.where(w > 0, desc[-1], 0.0)
 
 
